@@ -1,0 +1,1 @@
+from vitlens.relevance.heatmap import heatmap
