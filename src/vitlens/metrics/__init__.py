@@ -1,0 +1,19 @@
+"""Faithfulness and localisation scores of relevance maps (spec sections 5 and 6)."""
+from vitlens.metrics.bootstrap import bootstrap_ci
+from vitlens.metrics.localization import (
+    LocalizationScores,
+    boxes_to_masks,
+    mask_roc_auc,
+    pointing_game,
+    relevance_on_object,
+)
+from vitlens.metrics.perturbation import PAPER_FRACTIONS, PerturbationResult, curve_auc, perturbation_auc, removal_ranks
+from vitlens.metrics.ranking import average_precision, roc_auc
+from vitlens.metrics.segmentation import SegmentationScores, segmentation_scores_per_image
+
+__all__ = [
+    "PAPER_FRACTIONS", "PerturbationResult", "perturbation_auc", "curve_auc", "removal_ranks",
+    "SegmentationScores", "segmentation_scores_per_image", "average_precision", "roc_auc",
+    "LocalizationScores", "boxes_to_masks", "pointing_game", "relevance_on_object", "mask_roc_auc",
+    "bootstrap_ci",
+]
