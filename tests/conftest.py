@@ -1,7 +1,8 @@
 """Shared fixtures: a tiny on-disk dataset with masks and a real checkpoint trained on it.
 
-`tiny_dataset_dir`: a CSV-manifest dataset (`manifest.csv`: path,label,split,mask,x,y,w,h)
-of 32x32 PNG images in 4 classes with a PNG object mask per image.
+`tiny_dataset_dir`: toy birds (`vitlens.data.toybirds`) as a CSV-manifest dataset
+(`manifest.csv`: path,label,split,mask,x,y,w,h,parts_mask): 4 species x (8 train, 4 val,
+4 test) 32x32 PNGs, each with a whole-bird mask and a parts mask.
 `tiny_classifier_checkpoint`: a ViTClassifier (32 px, patch 8, width 32, depth 2, 4 classes)
 trained a few steps by a real Lightning Trainer on that dataset.
 """
@@ -14,70 +15,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from vitlens.data.toybirds import generate_toybirds, toybird_species_names
+
 os.environ["WANDB_MODE"] = "offline"
 os.environ["WANDB_SILENT"] = "true"
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-TINY_CLASSES = ["circle", "square", "triangle", "bar"]
+TINY_NUM_CLASSES = 4
+TINY_CLASSES = toybird_species_names(TINY_NUM_CLASSES)
 TINY_IMAGE_SIZE = 32
 TINY_MODEL = dict(
     backbone="vit_tiny_patch16_224",
     img_size=TINY_IMAGE_SIZE,
     backbone_kwargs=dict(patch_size=8, embed_dim=32, depth=2, num_heads=2),
 )
-
-
-def _draw_sample(rng: np.random.Generator, label: int, size: int = TINY_IMAGE_SIZE):
-    """A shape of class `label` on a noisy background: (RGB uint8, mask uint8 0/255, box x,y,w,h)."""
-    from PIL import Image, ImageDraw
-
-    background = rng.integers(40, 120, size=(size, size, 3), dtype=np.uint8)
-    image = Image.fromarray(background)
-    mask = Image.new("L", (size, size), 0)
-    s = int(rng.integers(10, 16))
-    x0, y0 = int(rng.integers(1, size - s - 1)), int(rng.integers(1, size - s - 1))
-    x1, y1 = x0 + s - 1, y0 + s - 1
-    colour = tuple(int(c) for c in rng.integers(150, 256, size=3))
-    for target, fill in ((ImageDraw.Draw(image), colour), (ImageDraw.Draw(mask), 255)):
-        if label == 0:
-            target.ellipse([x0, y0, x1, y1], fill=fill)
-        elif label == 1:
-            target.rectangle([x0, y0, x1, y1], fill=fill)
-        elif label == 2:
-            target.polygon([(x0, y1), (x1, y1), ((x0 + x1) // 2, y0)], fill=fill)
-        else:
-            target.rectangle([x0, y0 + s // 3, x1, y0 + 2 * s // 3], fill=fill)
-    m = np.asarray(mask)
-    ys, xs = np.nonzero(m)
-    box = (int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1))
-    return np.asarray(image), m, box
-
-
-def write_tiny_dataset(root: Path, *, per_class: dict[str, int] | None = None, seed: int = 0) -> Path:
-    """Write the tiny shapes dataset under `root`; returns the manifest path."""
-    from PIL import Image
-
-    per_class = per_class or {"train": 8, "val": 4, "test": 4}
-    rng = np.random.default_rng(seed)
-    root.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for split, count in per_class.items():
-        (root / "images" / split).mkdir(parents=True, exist_ok=True)
-        (root / "masks" / split).mkdir(parents=True, exist_ok=True)
-        for label, name in enumerate(TINY_CLASSES):
-            for i in range(count):
-                image, mask, (x, y, w, h) = _draw_sample(rng, label)
-                rel = f"images/{split}/{name}_{i:03d}.png"
-                rel_mask = f"masks/{split}/{name}_{i:03d}.png"
-                Image.fromarray(image).save(root / rel)
-                Image.fromarray(mask).save(root / rel_mask)
-                rows.append(dict(path=rel, label=name, split=split, mask=rel_mask, x=x, y=y, w=w, h=h))
-    manifest = root / "manifest.csv"
-    with open(manifest, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["path", "label", "split", "mask", "x", "y", "w", "h"])
-        writer.writeheader()
-        writer.writerows(rows)
-    return manifest
 
 
 class TinyManifestDataset:
@@ -116,9 +67,10 @@ class TinyManifestDataset:
 
 @pytest.fixture(scope="session")
 def tiny_dataset_dir(tmp_path_factory) -> Path:
-    """A CSV-manifest dataset with masks and boxes: 4 classes x (8 train, 4 val, 4 test) 32-px PNGs."""
-    root = tmp_path_factory.mktemp("tiny_dataset")
-    write_tiny_dataset(root)
+    """Toy birds as a CSV manifest with masks and boxes: 4 species x (8 train, 4 val, 4 test) 32-px PNGs."""
+    root = tmp_path_factory.mktemp("tiny_dataset") / "toybirds"
+    generate_toybirds(root, TINY_NUM_CLASSES, image_size=TINY_IMAGE_SIZE, train_per_class=8, val_per_class=4,
+                      test_per_class=4, seed=0)
     return root
 
 

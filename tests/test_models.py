@@ -141,11 +141,11 @@ def test_our_checkpoint_as_weights(tiny_classifier_checkpoint):
     same.load_initial_weights()
     assert _same_trunk(trained.model, same.model, skip=())  # same classes: head kept too
 
-    other = ["circle", "square", "hexagon", "bar"]
+    other = [*TINY_CLASSES[:2], "hexagon", *TINY_CLASSES[3:]]
     mismatched = ViTClassifier(class_names=other, weights=str(tiny_classifier_checkpoint), **TINY_MODEL)
     with pytest.raises(CheckpointClassMismatchError) as err:
         mismatched.load_initial_weights()
-    assert "only in checkpoint: ['triangle']; only in dataset: ['hexagon']" in str(err.value)
+    assert f"only in checkpoint: [{TINY_CLASSES[2]!r}]; only in dataset: ['hexagon']" in str(err.value)
     assert str(tiny_classifier_checkpoint) in str(err.value)
 
     reset = ViTClassifier(class_names=other, weights=str(tiny_classifier_checkpoint), reset_head=True, **TINY_MODEL)
@@ -210,7 +210,7 @@ def test_fit_and_checkpoint_round_trip_same_logits(tiny_dataset_dir, tmp_path):
     trainer.fit(model, train_loader, val_loader)
     assert trainer.global_step == 8
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
-    for key in ("train/loss", "val/loss", "val/acc", "val/acc_top5", "val/acc_class/circle"):
+    for key in ("train/loss", "val/loss", "val/acc", "val/acc_top5", f"val/acc_class/{TINY_CLASSES[0]}"):
         assert key in trainer.callback_metrics, key
     assert 0.0 <= float(trainer.callback_metrics["val/acc"]) <= 1.0
     assert float(trainer.callback_metrics["val/acc_top5"]) == 1.0  # 4 classes: top-5 is all of them
@@ -261,11 +261,11 @@ def test_load_classifier_errors(tmp_path):
 
 
 def test_checkpoint_classes_must_match_the_dataset(tiny_classifier_checkpoint, tiny_dataset_dir):
-    model = ViTClassifier(class_names=["circle", "square", "triangle", "star"], **TINY_MODEL)
+    model = ViTClassifier(class_names=[*TINY_CLASSES[:3], "star"], **TINY_MODEL)
     _, val_loader = tiny_dataloaders(tiny_dataset_dir, model.mean, model.std)
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
     with pytest.raises(CheckpointClassMismatchError) as err:
         trainer.validate(model, val_loader, ckpt_path=str(tiny_classifier_checkpoint), verbose=False)
     message = str(err.value)
-    assert "only in checkpoint: ['bar']; only in dataset: ['star']" in message
+    assert f"only in checkpoint: [{TINY_CLASSES[3]!r}]; only in dataset: ['star']" in message
     assert "tiny_vit.ckpt" in message and "\n" not in message
