@@ -1,0 +1,118 @@
+"""`ImageDataset`: samples -> the per-sample form of the batch dict in docs/DESIGN.md."""
+from __future__ import annotations
+
+import os
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from vitlens.data.errors import DataError
+from vitlens.data.images import read_image, read_mask
+from vitlens.data.sources import Sample
+
+__all__ = ["ImageDataset"]
+
+
+class ImageDataset(Dataset):
+    """Reads, converts and transforms one sample at a time.
+
+    Each item is a dict: `image` (3, H, W) float32, `label` and `index` int64 scalars and,
+    when the data set has them, `mask` (H, W) float32 in {0, 1} with `has_mask`, and `box`
+    (4,) float32 `[x_min, y_min, x_max, y_max]` in transformed pixels with `has_box`.
+
+    `transform` is an albumentations Compose (see `vitlens.data.transforms`); its random
+    state is re-seeded from `torch.initial_seed()` (and the DDP rank) the first time each
+    DataLoader worker uses it, so workers never repeat each other's augmentations and a
+    seeded run repeats itself. Without a transform, images come back as floats in [0, 1]
+    at their own size.
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        class_names: Sequence[str],
+        transform: Callable | None = None,
+        *,
+        has_masks: bool | None = None,
+        has_boxes: bool | None = None,
+    ):
+        self.samples = list(samples)
+        self.class_names = list(class_names)
+        self.transform = transform
+        self.has_masks = any(s.mask for s in self.samples) if has_masks is None else bool(has_masks)
+        self.has_boxes = any(s.box for s in self.samples) if has_boxes is None else bool(has_boxes)
+        self._seeded_with: int | None = None
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    @property
+    def labels(self) -> np.ndarray:
+        """(N,) int64 class index of every sample."""
+        return np.array([s.label for s in self.samples], dtype=np.int64)
+
+    @property
+    def paths(self) -> list[str]:
+        return [s.path for s in self.samples]
+
+    def _reseed(self) -> None:
+        seed = (torch.initial_seed() + 1_000_003 * int(os.environ.get("RANK", "0"))) % 2**32
+        if seed != self._seeded_with and hasattr(self.transform, "set_random_seed"):
+            self.transform.set_random_seed(seed)
+        self._seeded_with = seed
+
+    def load(self, index: int) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """Untransformed (image HxWx3 uint8, mask HxW uint8 or None, box (1, 4) float or None)."""
+        s = self.samples[index]
+        image = read_image(s.path)
+        height, width = image.shape[:2]
+        mask = None
+        if self.has_masks:
+            if s.mask:
+                mask = read_mask(s.mask).astype(np.uint8)
+                if mask.shape != (height, width):
+                    raise DataError(f"mask {s.mask} is {mask.shape[1]}x{mask.shape[0]} but its image {s.path} is {width}x{height}")
+            else:
+                mask = np.zeros((height, width), dtype=np.uint8)
+        box = None
+        if s.box is not None:
+            x0, y0, x1, y1 = s.box
+            x0, x1 = max(0.0, x0), min(float(width), x1)
+            y0, y1 = max(0.0, y0), min(float(height), y1)
+            if x1 <= x0 or y1 <= y0:
+                raise DataError(f"box {list(s.box)} of {s.path} lies outside the {width}x{height} image")
+            box = np.array([[x0, y0, x1, y1]], dtype=np.float32)
+        return image, mask, box
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        image, mask, box = self.load(index)
+        has_box = box is not None
+        if self.transform is not None:
+            self._reseed()
+            data = {"image": image, "bboxes": box if has_box else np.zeros((0, 4), np.float32), "box_ids": [0] if has_box else []}
+            if mask is not None:
+                data["mask"] = mask
+            out = self.transform(**data)
+            image, mask = out["image"], out.get("mask")
+            boxes = np.asarray(out["bboxes"], dtype=np.float32).reshape(-1, 4)
+            has_box = len(boxes) > 0  # cropped away entirely: no box
+            box = boxes[:1] if has_box else None
+        else:
+            image = image.astype(np.float32) / 255.0
+        item = {
+            "image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32)),
+            "label": torch.tensor(self.samples[index].label, dtype=torch.int64),
+            "index": torch.tensor(index, dtype=torch.int64),
+        }
+        if self.has_masks:
+            item["mask"] = torch.from_numpy(np.ascontiguousarray(mask > 0, dtype=np.float32))
+            item["has_mask"] = torch.tensor(self.samples[index].mask is not None)
+        if self.has_boxes:
+            item["box"] = torch.from_numpy(box[0]) if has_box else torch.zeros(4)
+            item["has_box"] = torch.tensor(has_box)
+        return item
+
+    def __repr__(self) -> str:
+        return f"ImageDataset({len(self)} samples, {len(self.class_names)} classes, masks={self.has_masks}, boxes={self.has_boxes})"
