@@ -154,7 +154,7 @@ def test_batch_size_does_not_change_results_and_model_mode_is_restored():
     for key, value in a.as_dict().items():
         assert value == pytest.approx(b.as_dict()[key]), key
     assert torch.equal(a.pos_correct, b.pos_correct) and torch.equal(a.neg_correct, b.neg_correct)
-    assert model.calls == 5 * 19 + 1  # batch 1 then one call for everything
+    assert model.calls == 5 * 19 + 1  # one row per call, then one call for all 5 x 19 rows
 
 
 def test_options_patches_and_fills():

@@ -234,7 +234,8 @@ def perturbation_auc(
     prob = torch.empty(n, n_steps, dtype=torch.float32, device=device)
     try:
         with torch.inference_mode():
-            group = max(1, batch_size // n_steps)  # images whose rows fill about one model call
+            # batch_size images per group: their n_steps * batch_size rows fill whole model calls
+            group = batch_size
             for start in range(0, n, group):
                 sl = slice(start, min(start + group, n))
                 c, p = _run_group(
