@@ -1,0 +1,325 @@
+"""``explain()`` / ``explain_many()``: relevance maps for timm Vision Transformers, batched.
+
+One recorded forward pass, at most one ``torch.autograd.grad`` call (with respect to the
+attention matrices only, never into parameters) and at most one relevance pass per rule set
+serve every requested method. Blocks below the lowest layer a method needs run without
+autograd and with fused attention. See ``docs/relevance.md``.
+"""
+from __future__ import annotations
+
+import contextlib
+import numbers
+from typing import Mapping, NamedTuple, Sequence
+
+import torch
+import torch.nn as nn
+
+from vitlens.relevance import rules
+from vitlens.relevance.backbone import Backbone, forward, read_backbone, unwrap
+
+METHODS = (
+    "transformer_attribution",
+    "grad_rollout",
+    "rollout",
+    "raw_attention",
+    "attn_gradcam",
+    "partial_lrp",
+    "full_lrp",
+    "lrp_rollout",
+    "random",
+)
+
+PRECISIONS = ("float64", "float32", "tf32", "bf16")
+
+# option name -> default, per method
+_OPTIONS = {
+    "transformer_attribution": {"start_layer": 1},
+    "grad_rollout": {"start_layer": 0},
+    "rollout": {"start_layer": 1},
+    "lrp_rollout": {"start_layer": 0},
+    "random": {"seed": 0},
+}
+
+
+class Explanation(NamedTuple):
+    """``explain(..., return_logits=True)``: the map, the logits of the same forward pass and
+    the explained class of every image."""
+
+    relevance: torch.Tensor
+    logits: torch.Tensor
+    targets: torch.Tensor
+
+
+class Explanations(NamedTuple):
+    """``explain_many``: one map per method (name -> tensor), logits, explained classes."""
+
+    maps: dict[str, torch.Tensor]
+    logits: torch.Tensor
+    targets: torch.Tensor
+
+
+def explain(model: nn.Module, images: torch.Tensor, method: str = "transformer_attribution",
+            targets=None, *, precision: str | None = None, return_logits: bool = False,
+            **options):
+    """Relevance of every patch for the explained class, ``(B, grid_h, grid_w)`` raw values
+    (``full_lrp``: pixel level, ``(B, H, W)``).
+
+    Args:
+        model: a timm VisionTransformer (ViT, DeiT incl. distilled, MAE-style average pooling,
+            register tokens) or a module whose ``.model`` is one (``ViTClassifier``).
+        images: normalised batch ``(B, 3, H, W)`` on the model's device.
+        method: one of ``METHODS``.
+        targets: ``None`` (the predicted class), an int, or one class per image.
+        precision: ``None`` (the model's dtype), ``"float64"``, ``"float32"`` (no TF32),
+            ``"tf32"`` (TF32 matmuls on Ampere+ GPUs) or ``"bf16"`` (bfloat16 matmuls,
+            float32 rules).
+        return_logits: return an ``Explanation(relevance, logits, targets)`` instead of the
+            map: the logits come from the same forward pass.
+        **options: ``start_layer`` (transformer_attribution: 1, rollout: 1, lrp_rollout: 0,
+            grad_rollout: 0), ``seed`` (random: 0).
+
+    The model is left exactly as found (modes, flags, hooks, gradients); works under
+    ``torch.no_grad()`` and ``torch.inference_mode()``.
+    """
+    out = explain_many(model, images, {method: options}, targets, precision=precision)
+    relevance = out.maps[method]
+    return Explanation(relevance, out.logits, out.targets) if return_logits else relevance
+
+
+def explain_many(model: nn.Module, images: torch.Tensor,
+                 methods: Sequence[str] | Mapping[str, Mapping] = ("transformer_attribution",),
+                 targets=None, *, precision: str | None = None) -> Explanations:
+    """Several methods from one shared forward pass (and one gradient / relevance pass).
+
+    ``methods``: names, or a mapping name -> options (e.g.
+    ``{"transformer_attribution": {"start_layer": 0}, "rollout": {}}``). Returns
+    ``Explanations(maps, logits, targets)``.
+    """
+    requested = _check_methods(methods)
+    vit = unwrap(model)
+    dtype, mm_dtype, fp32_mode = _precision(precision, vit)
+    device = images.device if isinstance(images, torch.Tensor) else None
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.inference_mode(False))
+        stack.enter_context(torch.enable_grad())
+        if device is not None:
+            stack.enter_context(torch.autocast(device.type, enabled=False))
+        stack.enter_context(_fp32_matmul_precision(fp32_mode))
+        bb = read_backbone(vit, dtype=dtype, mm_dtype=mm_dtype)
+        images = _check_images(images, bb, vit)
+        return _run(bb, images, requested, targets)
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def _check_methods(methods) -> dict[str, dict]:
+    if isinstance(methods, str):
+        methods = [methods]
+    items = methods.items() if isinstance(methods, Mapping) else ((m, {}) for m in methods)
+    requested = {}
+    for name, opts in items:
+        if name not in METHODS:
+            raise ValueError(f"unknown relevance method {name!r}; choose one of {', '.join(METHODS)}")
+        allowed = _OPTIONS.get(name, {})
+        unknown = set(opts) - set(allowed)
+        if unknown:
+            raise TypeError(
+                f"method {name!r} takes no option {', '.join(sorted(map(repr, unknown)))}"
+                f"{'; its options: ' + ', '.join(allowed) if allowed else ''}"
+            )
+        requested[name] = {**allowed, **opts}
+    if not requested:
+        raise ValueError(f"no relevance method requested; choose from {', '.join(METHODS)}")
+    return requested
+
+
+def _precision(precision, vit):
+    param = next(vit.parameters())
+    if precision is None:
+        if param.dtype in (torch.float32, torch.float64):
+            return param.dtype, param.dtype, None
+        return torch.float32, param.dtype, None  # half / bf16 models: their dtype for matmuls
+    if precision == "float64":
+        return torch.float64, torch.float64, None
+    if precision == "float32":
+        return torch.float32, torch.float32, "highest"
+    if precision == "tf32":
+        return torch.float32, torch.float32, "high"
+    if precision == "bf16":
+        return torch.float32, torch.bfloat16, None
+    raise ValueError(f"unknown precision {precision!r}; choose None or one of {', '.join(PRECISIONS)}")
+
+
+@contextlib.contextmanager
+def _fp32_matmul_precision(mode):
+    """Set torch's float32 matmul precision for the duration of the call, then restore it."""
+    if mode is None:
+        yield
+        return
+    old = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(mode)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(old)
+
+
+def _check_images(images, bb: Backbone, vit) -> torch.Tensor:
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(f"images must be a tensor (B, C, H, W), got {type(images).__name__}")
+    in_chans = bb.patch_weight.shape[1]
+    if images.dim() != 4 or images.shape[1] != in_chans:
+        raise ValueError(
+            f"images must be (B, {in_chans}, H, W) normalised tensors, got shape {tuple(images.shape)}"
+        )
+    if not images.is_floating_point():
+        raise TypeError(f"images must be floating point (normalised), got {images.dtype}")
+    if images.device != bb.device:
+        raise ValueError(f"images are on {images.device} but the model is on {bb.device}")
+    out = images.detach().to(bb.dtype)
+    if out.is_inference():  # created under torch.inference_mode(): cannot enter autograd
+        out = out.clone()
+    return out
+
+
+def _targets(targets, logits: torch.Tensor) -> torch.Tensor:
+    B, C = logits.shape
+    if targets is None:
+        return logits.argmax(dim=-1)
+
+    def check(values):
+        bad = [v for v in values if not 0 <= v < C]
+        if bad:
+            raise ValueError(f"target class {bad[0]} is out of range for a model with {C} classes")
+
+    if isinstance(targets, numbers.Integral):
+        check([int(targets)])
+        return torch.full((B,), int(targets), dtype=torch.long, device=logits.device)
+    if isinstance(targets, torch.Tensor):
+        if targets.dtype.is_floating_point or targets.dtype == torch.bool:
+            raise TypeError(f"targets must hold integer class indices, got {targets.dtype}")
+        t = targets.reshape(-1).to(device=logits.device, dtype=torch.long)
+        if targets.dim() == 0:
+            t = t.expand(B)
+        if targets.device.type == "cpu":  # no host-device sync for device tensors
+            check(targets.reshape(-1).tolist())
+    else:
+        values = [int(v) for v in targets]
+        check(values)
+        t = torch.tensor(values, dtype=torch.long, device=logits.device)
+    if t.shape[0] != B:
+        raise ValueError(f"got {t.shape[0]} targets for a batch of {B} images")
+    return t
+
+
+def _run(bb: Backbone, images: torch.Tensor, req: dict[str, dict], targets) -> Explanations:
+    L = len(bb.blocks)
+    for name, opts in req.items():
+        s = opts.get("start_layer")
+        if s is not None and not (isinstance(s, numbers.Integral) and 0 <= s < L):
+            raise ValueError(f"{name}: start_layer must be an int in [0, {L - 1}], got {s!r}")
+    start = {m: o.get("start_layer") for m, o in req.items()}
+    # lowest block each kind of record is needed from
+    grad_from = min([start[m] for m in ("transformer_attribution", "grad_rollout") if m in req]
+                    + ([L - 1] if "attn_gradcam" in req else []), default=L)
+    paper_from = min([start[m] for m in ("transformer_attribution", "lrp_rollout") if m in req], default=L)
+    plain_from = min(([0] if "full_lrp" in req else []) + ([L - 1] if "partial_lrp" in req else []),
+                     default=L)
+    attn_from = min([start[m] for m in ("rollout", "grad_rollout") if m in req]
+                    + ([L - 1] if {"raw_attention", "attn_gradcam"} & req.keys() else []), default=L)
+    lrp_from = min(paper_from, plain_from)
+
+    trace = forward(bb, images, attn_from=min(attn_from, lrp_from), lrp_from=lrp_from,
+                    grad_from=grad_from)
+    logits = trace.logits.detach()
+    t = _targets(targets, logits)
+    grads = {}
+    if grad_from < L:
+        wanted = list(range(grad_from, L))
+        selected = trace.logits.gather(1, t[:, None]).sum()
+        dA = torch.autograd.grad(selected, [trace.blocks[i].attn for i in wanted], allow_unused=True)
+        grads = {i: (torch.zeros_like(trace.blocks[i].attn) if g is None else g)
+                 for i, g in zip(wanted, dA)}
+        del dA, selected
+
+    maps: dict[str, torch.Tensor] = {}
+    p = bb.num_prefix_tokens
+    gh, gw = trace.embedding.grid
+    B = images.shape[0]
+
+    def grid(row):  # (B, N) readout row -> (B, gh, gw) patch map
+        return row[:, p:].reshape(B, gh, gw)
+
+    def chain(r, layers):  # r @ (I + M_top) ... (I + M_bottom), top-down, vector form
+        for M in layers:
+            r = r + torch.bmm(r[:, None], M)[:, 0]
+        return r
+
+    with torch.no_grad():
+        for blk in trace.blocks:  # attention matrices are used as values from here on
+            if blk.attn is not None:
+                blk.attn = blk.attn.detach()
+        pool_r = rules.pooling_readout(bb, trace)
+        if "raw_attention" in req:
+            maps["raw_attention"] = grid(torch.bmm(pool_r[:, None], trace.blocks[-1].attn.mean(1))[:, 0])
+        if "attn_gradcam" in req:
+            A, G = trace.blocks[-1].attn, grads[L - 1]
+            a_row = torch.einsum("bn,bhnm->bhm", pool_r, A)[..., p:]
+            g_row = torch.einsum("bn,bhnm->bhm", pool_r, G)[..., p:]
+            cam = (g_row.mean(-1, keepdim=True) * a_row).mean(1).clamp(min=0)
+            maps["attn_gradcam"] = cam.reshape(B, gh, gw)
+        if "rollout" in req:
+            r = pool_r
+            for i in reversed(range(start["rollout"], L)):
+                Abar = trace.blocks[i].attn.mean(1)
+                r = r / (1 + Abar.sum(-1))  # rows of I + Abar normalised to sum 1
+                r = chain(r, [Abar])
+            maps["rollout"] = grid(r)
+        if "grad_rollout" in req:
+            s = start["grad_rollout"]
+            r = chain(pool_r, ((grads[i] * trace.blocks[i].attn).clamp(min=0).mean(1)
+                               for i in reversed(range(s, L))))
+            maps["grad_rollout"] = grid(r)
+        if paper_from < L:
+            R, readout = rules.head_rule(bb, trace, t)
+            r_ta = readout if "transformer_attribution" in req else None
+            r_lr = readout if "lrp_rollout" in req else None
+            for i in reversed(range(paper_from, L)):
+                R, R_attn = rules.block_rule(bb, bb.blocks[i], trace.blocks[i], R,
+                                             to_input=i > paper_from)
+                if r_ta is not None and i >= start["transformer_attribution"]:
+                    r_ta = chain(r_ta, [(grads.pop(i) * R_attn).clamp(min=0).mean(1)])
+                if r_lr is not None and i >= start["lrp_rollout"]:
+                    r_lr = chain(r_lr, [R_attn.clamp(min=0).mean(1)])
+                del R_attn
+                if i < plain_from:
+                    trace.blocks[i] = None  # free what no later pass needs
+            if r_ta is not None:
+                maps["transformer_attribution"] = grid(r_ta)
+            if r_lr is not None:
+                maps["lrp_rollout"] = grid(r_lr)
+            del R
+        grads.clear()
+        if plain_from < L:
+            R, readout = rules.head_rule(bb, trace, t, plain=True)
+            for i in reversed(range(plain_from, L)):
+                full = "full_lrp" in req
+                R, R_attn = rules.block_rule(bb, bb.blocks[i], trace.blocks[i], R, plain=True,
+                                             to_input=full)
+                if i == L - 1 and "partial_lrp" in req:
+                    row = torch.bmm(readout[:, None], R_attn.clamp(min=0).mean(1))[:, 0]
+                    maps["partial_lrp"] = grid(row)
+                del R_attn
+                trace.blocks[i] = None
+                if not full:
+                    break
+            if "full_lrp" in req:
+                R = rules.patch_embedding_rule(bb, trace, R)  # norm_pre: identity
+                H, W = images.shape[-2:]
+                maps["full_lrp"] = R[:, :H, :W]
+        if "random" in req:
+            g = torch.Generator(device="cpu").manual_seed(int(req["random"]["seed"]))
+            maps["random"] = torch.rand((B, gh, gw), generator=g, dtype=bb.dtype).to(images.device)
+    ordered = {m: maps[m].detach() for m in req}
+    return Explanations(ordered, logits, t)

@@ -1,0 +1,207 @@
+"""The LRP rules of Chefer et al. (CVPR 2021) as batched tensor functions.
+
+Spec: ``docs/relevance.md`` and the shared relevance spec. Every function works on a whole
+batch; sums that the rules need run per sample. ``plain=True`` selects the "plain LRP" rules
+used by the ``partial_lrp`` / ``full_lrp`` baselines (bare z-rule on residual adds, separately
+normalised sign branches in Linear layers).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from vitlens.relevance.backbone import Backbone, BlockTrace, BlockWeights, Linear, Trace
+
+EPS = 1e-9
+
+
+def sdiv(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a / (b + 1e-9)``, and 0 where ``b == 0`` exactly (the authors' ``safe_divide``)."""
+    return (a / (b + EPS)).masked_fill_(b == 0, 0)
+
+
+def _mm(bb: Backbone, a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``a @ w`` with ``w`` already in the matmul dtype; result in the compute dtype."""
+    if bb.mm_dtype == bb.dtype:
+        return a @ w
+    return (a.to(bb.mm_dtype) @ w).to(bb.dtype)
+
+
+def linear_rule(bb: Backbone, layer: Linear, x: torch.Tensor, R: torch.Tensor,
+                out: torch.Tensor | None = None, *, plain: bool = False) -> torch.Tensor:
+    """Relevance at the input ``x`` of a Linear layer (alpha=1, beta=0, bias ignored).
+
+    Paper rule: ``Z = x+ W+^T + x- W-^T``, ``S = sdiv(R, Z)``, ``R_x = x+ (S W+) + x- (S W-)``,
+    computed as ``Z = (x W^T + |x| |W|^T) / 2`` (``x W^T`` is the forward output minus the
+    bias, ``out``) and ``R_x = (x (S W) + |x| (S |W|)) / 2``: two matmuls the size of the
+    forward one instead of four. ``plain``: ``S1 = sdiv(R, x+ W+^T)``, ``S2 = sdiv(R, x- W-^T)``.
+    """
+    W, Wabs = layer.mm_weight, layer.abs_weight
+    if plain:
+        xp, xn = x.clamp(min=0), x.clamp(max=0)
+        Wp, Wn = (W + Wabs) / 2, (W - Wabs) / 2
+        S1 = sdiv(R, _mm(bb, xp, Wp.T))
+        S2 = sdiv(R, _mm(bb, xn, Wn.T))
+        return xp * _mm(bb, S1, Wp) + xn * _mm(bb, S2, Wn)
+    if out is None:
+        xw = _mm(bb, x, W.T)
+    else:
+        xw = out if layer.bias is None else out - layer.bias
+    xabs = x.abs()
+    Z = (xw + _mm(bb, xabs, Wabs.T)) / 2
+    S = sdiv(R, Z)
+    return (x * _mm(bb, S, W) + xabs * _mm(bb, S, Wabs)) / 2
+
+
+def residual_rule(u: torch.Tensor, v: torch.Tensor, z: torch.Tensor, R: torch.Tensor, *,
+                  plain: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Relevance of the two operands of ``z = u + v``.
+
+    z-rule split, then (paper rule) each part is rescaled so that the parts keep the ratio of
+    their absolute sums and together conserve ``sum R``; the sums run per sample.
+    """
+    S = sdiv(R, z)
+    Ru, Rv = u * S, v * S
+    if plain:
+        return Ru, Rv
+    dims = tuple(range(1, R.dim()))
+    su, sv, s = Ru.sum(dims, keepdim=True), Rv.sum(dims, keepdim=True), R.sum(dims, keepdim=True)
+    total = su.abs() + sv.abs()
+    Ru = Ru * sdiv(sdiv(su.abs(), total) * s, su)
+    Rv = Rv * sdiv(sdiv(sv.abs(), total) * s, sv)
+    return Ru, Rv
+
+
+def fork_rule(x: torch.Tensor, R_skip: torch.Tensor, R_branch: torch.Tensor) -> torch.Tensor:
+    """Relevance at ``x`` that feeds both the skip connection and a branch.
+
+    The authors' code (``Clone.relprop``) computes ``x * (sdiv(R1, x) + sdiv(R2, x))``: the sum
+    of the two relevances, through the z-rule stabiliser (and 0 where ``x == 0``). The golden
+    maps need this form: a bare ``R1 + R2`` differs from them by ~1e-5 relative.
+    """
+    return x * sdiv(R_skip + R_branch, x)
+
+
+def block_rule(bb: Backbone, w: BlockWeights, t: BlockTrace, R: torch.Tensor, *,
+               plain: bool = False, to_input: bool = True):
+    """Relevance through one block (spec section 2, steps 1-4).
+
+    Returns ``(R_x, R_attn)``: relevance at the block input (None when ``to_input`` is False:
+    the q/k/v part is then skipped) and the halved relevance of the attention matrix
+    (B, H, N, N).
+    """
+    B, N, _ = R.shape
+    # 1. MLP branch
+    R_mid, R_m = residual_rule(t.x_mid, t.m, t.x_out, R, plain=plain)
+    R_g = linear_rule(bb, w.fc2, t.g, R_m, t.f2, plain=plain)  # LayerScale: identity
+    R_h2 = linear_rule(bb, w.fc1, t.h2, R_g, t.f1, plain=plain)  # mlp norm, GELU: identity
+    R_mid = fork_rule(t.x_mid, R_mid, R_h2)  # LayerNorm 2: identity
+    del R_m, R_g, R_h2
+    # 2. attention branch
+    R_x, R_a = residual_rule(t.x, t.a, t.x_mid, R_mid, plain=plain)
+    R_o = linear_rule(bb, w.proj, t.o, R_a, t.proj, plain=plain)  # attention-output norm: identity
+    R_heads = R_o.view(B, N, w.num_heads, w.head_dim).transpose(1, 2)
+    del R_mid, R_a, R_o
+    # 3. heads = attn @ v: z-rule to both operands, both halved
+    S = sdiv(R_heads, t.heads)
+    R_attn = t.attn * _mm(bb, S, t.v.transpose(-2, -1).to(bb.mm_dtype)) / 2
+    if not to_input:
+        return None, R_attn
+    R_v = t.v * _mm(bb, t.attn.transpose(-2, -1), S.to(bb.mm_dtype)) / 2
+    del S, R_heads
+    # 4. softmax: identity; scores = q @ k^T (the 1/sqrt(d) scale cancels): halved
+    S = sdiv(R_attn, _mm(bb, t.q, t.k.transpose(-2, -1).to(bb.mm_dtype)))
+    R_q = t.q * _mm(bb, S, t.k.to(bb.mm_dtype)) / 2
+    R_k = t.k * _mm(bb, S.transpose(-2, -1), t.q.to(bb.mm_dtype)) / 2
+    del S
+    R_qkv = torch.stack([R_q, R_k, R_v], dim=2).permute(0, 3, 2, 1, 4).reshape(B, N, -1)
+    del R_q, R_k, R_v
+    R_h1 = linear_rule(bb, w.qkv, t.h1, R_qkv, t.qkv, plain=plain)  # q/k norm, norm1: identity
+    return fork_rule(t.x, R_x, R_h1), R_attn
+
+
+def pooled_tokens(bb: Backbone, n_tokens: int) -> slice:
+    """The tokens the classifier reads: class token, class + distillation, or the averaged ones."""
+    if bb.pool == "token":
+        return slice(0, 1)
+    if bb.pool == "distilled":
+        return slice(0, 2)
+    return slice(0, n_tokens) if bb.pool_include_prefix else slice(bb.num_prefix_tokens, n_tokens)
+
+
+def pooling_readout(bb: Backbone, trace: Trace) -> torch.Tensor:
+    """(B, N) weights of the classifier's pooling over tokens: the readout row of methods
+    without relevance (rollout, raw attention, ...): e_0 for the class token, 1/2 on class and
+    distillation tokens for DeiT, uniform over the averaged tokens for average pooling."""
+    B, N, _ = trace.features.shape
+    r = trace.features.new_zeros(B, N)
+    sl = pooled_tokens(bb, N)
+    r[:, sl] = 1.0 / len(range(N)[sl])
+    return r
+
+
+def head_rule(bb: Backbone, trace: Trace, targets: torch.Tensor, *, plain: bool = False):
+    """Relevance at the final tokens (B, N, D), starting from a one-hot of the explained class
+    (value 1), and the readout weights (B, N): the share of relevance each pooled token gets
+    (exactly e_0 for class-token pooling)."""
+    feats = trace.features
+    B, N, D = feats.shape
+    onehot = F.one_hot(targets, trace.logits.shape[-1]).to(feats.dtype)
+    R = torch.zeros_like(feats)
+    if bb.pool == "token":
+        R_x = linear_rule(bb, bb.head, trace.pooled, onehot, plain=plain)  # fc_norm: identity
+        y0 = feats[:, 0]
+        R[:, 0] = y0 * sdiv(R_x, y0)
+        readout = F.one_hot(torch.zeros_like(targets), N).to(feats.dtype)
+        return R, readout
+    if bb.pool == "distilled":
+        # logits = (a + b) / 2: the residual rule on the two heads' class logits gives each
+        # head the share |a_c| / (|a_c| + |b_c|) (resp. |b_c| / ...) of the relevance.
+        a = trace.head_outputs[0].gather(1, targets[:, None])
+        b = trace.head_outputs[1].gather(1, targets[:, None])
+        wa, wb = sdiv(a.abs(), a.abs() + b.abs()), sdiv(b.abs(), a.abs() + b.abs())
+        for i, (layer, share) in enumerate(((bb.head, wa), (bb.head_dist, wb))):
+            R_x = linear_rule(bb, layer, trace.pooled[:, i], onehot * share, plain=plain)
+            y = feats[:, i]
+            R[:, i] = y * sdiv(R_x, y)
+        readout = torch.zeros_like(feats[..., 0])
+        readout[:, 0], readout[:, 1] = wa[:, 0], wb[:, 0]
+        return R, readout
+    # average pooling: z-rule through the mean spreads relevance over the averaged tokens
+    R_x = linear_rule(bb, bb.head, trace.pooled, onehot, plain=plain)  # fc_norm: identity
+    sl = pooled_tokens(bb, N)
+    y = feats[:, sl]
+    mean = y.mean(dim=1)
+    R[:, sl] = y / y.shape[1] * sdiv(R_x, mean)[:, None]
+    return R, R.sum(dim=-1)
+
+
+def patch_embedding_rule(bb: Backbone, trace: Trace, R_tokens: torch.Tensor) -> torch.Tensor:
+    """Relevance at the pixels (B, H, W), summed over colour channels (``full_lrp``).
+
+    Position-embedding add: z-rule, the patch part is kept; patch norm: identity; patch
+    convolution: z^B rule with per-image bounds (min and max of the input).
+    """
+    emb = trace.embedding
+    p = bb.num_prefix_tokens
+    R = emb.patches * sdiv(R_tokens[:, p:], emb.tokens[:, p:])
+    B, P, D = R.shape
+    gh, gw = emb.grid
+    R = R.transpose(1, 2).reshape(B, D, gh, gw)
+    X = emb.images
+    W = bb.patch_weight
+    Wp, Wn = W.clamp(min=0), W.clamp(max=0)
+    lo = X.amin(dim=(1, 2, 3), keepdim=True)  # (B, 1, 1, 1)
+    hi = X.amax(dim=(1, 2, 3), keepdim=True)
+    # convolutions of the constant bound images: bound * sum of the kernel (no padding)
+    Z = (F.conv2d(X, W, stride=bb.patch_size)
+         - lo * Wp.sum(dim=(1, 2, 3)).view(1, D, 1, 1)
+         - hi * Wn.sum(dim=(1, 2, 3)).view(1, D, 1, 1) + EPS)
+    S = R / Z
+    C = X.shape[1]
+    ph, pw = bb.patch_size
+    pad = (X.shape[-2] - gh * ph, X.shape[-1] - gw * pw)
+    grads = F.conv_transpose2d(S, torch.cat([W, Wp, Wn], dim=1), stride=bb.patch_size,
+                               output_padding=pad)
+    out = X * grads[:, :C] - lo * grads[:, C:2 * C] - hi * grads[:, 2 * C:]
+    return out.sum(dim=1)
