@@ -1,0 +1,141 @@
+"""Training throughput: our Lightning loop (ViTClassifier + Trainer) vs a plain PyTorch loop.
+
+Same model, data (in-memory tensors through the same DataLoader), optimiser (AdamW with the
+same layer-decay groups), lr schedule, loss, precision and batch size. The first
+`--warmup` steps of each run are not timed. Runs alternate (plain, lightning, plain, ...)
+`--repeats` times so a shared CPU's load hits both alike; the table shows the median.
+
+    python benchmarks/train_throughput.py                       # default toy-birds model, CPU
+    python benchmarks/train_throughput.py --steps 60 --batch-size 64 --repeats 3
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from vitlens.models import ViTClassifier
+from vitlens.models.optim import param_groups_layer_decay, warmup_cosine
+
+# the default job's model (configs/toybirds.yaml)
+DEFAULT_MODEL = dict(backbone="vit_tiny_patch16_224", img_size=64,
+                     backbone_kwargs=dict(patch_size=8, embed_dim=128, depth=4, num_heads=4))
+
+
+class TensorDataset(Dataset):
+    """In-memory images/labels in the DESIGN.md batch-dict form."""
+
+    def __init__(self, n: int, num_classes: int, size: int, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        self.images = torch.randn(n, 3, size, size, generator=g)
+        self.labels = torch.randint(0, num_classes, (n,), generator=g)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"image": self.images[i], "label": self.labels[i], "index": torch.tensor(i)}
+
+
+def make_model(num_classes: int, seed: int) -> ViTClassifier:
+    torch.manual_seed(seed)
+    return ViTClassifier(class_names=[f"c{i}" for i in range(num_classes)], lr=1e-3, weight_decay=0.05,
+                         layer_decay=0.75, warmup_epochs=0.1, label_smoothing=0.1, **DEFAULT_MODEL)
+
+
+def loader(args) -> DataLoader:
+    data = TensorDataset(args.batch_size * args.steps, args.num_classes, DEFAULT_MODEL["img_size"])
+    return DataLoader(data, batch_size=args.batch_size, shuffle=True, num_workers=0, drop_last=True)
+
+
+def plain_loop(args) -> float:
+    """images/s of a hand-written loop doing the same work."""
+    module = make_model(args.num_classes, args.seed)
+    model = module.model.train()
+    groups = param_groups_layer_decay(model, lr=1e-3, weight_decay=0.05, layer_decay=0.75)
+    optimizer = torch.optim.AdamW(groups, lr=1e-3)
+    total = args.steps
+    warm = round(0.1 * total)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, warmup_steps=warm, total_steps=total))
+    start = None
+    for step, batch in enumerate(loader(args)):
+        if step == args.warmup:
+            start = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16-mixed"):
+            logits = model(batch["image"])
+        loss = F.cross_entropy(logits.float(), batch["label"], label_smoothing=0.1)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        loss.item()  # Lightning reads the loss for the progress bar / logs each step too
+    return (args.steps - args.warmup) * args.batch_size / (time.perf_counter() - start)
+
+
+class _Timer(L.Callback):
+    def __init__(self, warmup: int):
+        self.warmup, self.start, self.end = warmup, None, None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx == self.warmup:
+            self.start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.end = time.perf_counter()
+
+
+def lightning_loop(args, root: str) -> float:
+    """images/s of ViTClassifier under a Trainer with the default job's progress bar, lr monitor and a CSV logger."""
+    from lightning.pytorch.callbacks import LearningRateMonitor, RichProgressBar
+    from lightning.pytorch.loggers import CSVLogger
+
+    module = make_model(args.num_classes, args.seed)
+    timer = _Timer(args.warmup)
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=1, precision=args.precision,
+                        logger=CSVLogger(root), enable_checkpointing=False, enable_model_summary=False,
+                        num_sanity_val_steps=0, limit_val_batches=0, log_every_n_steps=50,
+                        callbacks=[timer, LearningRateMonitor("step"), RichProgressBar()])
+    trainer.fit(module, train_dataloaders=loader(args))
+    return (args.steps - args.warmup) * args.batch_size / (timer.end - timer.start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--warmup", type=int, default=8, help="untimed first steps of each run")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--num-classes", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--precision", default="32-true", choices=["32-true", "bf16-mixed"])
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    import tempfile
+
+    results: dict[str, list[float]] = {"plain PyTorch loop": [], "vitlens (Lightning)": []}
+    with tempfile.TemporaryDirectory() as root:
+        for r in range(args.repeats):
+            results["plain PyTorch loop"].append(plain_loop(args))
+            results["vitlens (Lightning)"].append(lightning_loop(args, root))
+            print(f"repeat {r + 1}/{args.repeats}: plain {results['plain PyTorch loop'][-1]:.1f} img/s, "
+                  f"lightning {results['vitlens (Lightning)'][-1]:.1f} img/s", flush=True)
+    base = statistics.median(results["plain PyTorch loop"])
+    print(f"\nmodel {DEFAULT_MODEL['backbone']} {DEFAULT_MODEL['backbone_kwargs']} at {DEFAULT_MODEL['img_size']} px, "
+          f"batch {args.batch_size}, {args.precision}, {args.steps} steps ({args.warmup} untimed), "
+          f"{torch.get_num_threads()} threads, median of {args.repeats}")
+    print(f"{'loop':<22} {'images/s (median)':>18} {'all runs':>28} {'vs plain':>9}")
+    for name, values in results.items():
+        med = statistics.median(values)
+        runs = ", ".join(f"{v:.1f}" for v in values)
+        print(f"{name:<22} {med:>18.1f} {runs:>28} {med / base:>8.1%}")
+
+
+if __name__ == "__main__":
+    main()
