@@ -458,3 +458,19 @@ def test_bad_options(tmp_path):
         _module(tmp_path, generate="unicorns")
     with pytest.raises(DataError, match="fewer than batch_size=8"):
         _module(tmp_path, batch_size=8).setup()
+
+
+def test_loader_workers_draw_different_augmentations_reproducibly(tmp_path):
+    rng = np.random.default_rng(3)
+    image, _, _ = _box_image(rng)
+    path = str(_save(tmp_path / "a.png", image))
+    dataset = ImageDataset([Sample(path, 0)] * 4, ["a"], train_transform(16, (0.5,) * 3, (0.5,) * 3, crop_scale=(0.2, 1.0)))
+
+    def images():
+        torch.manual_seed(7)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=1, num_workers=2)
+        return torch.cat([b["image"] for b in loader])
+
+    first = images()
+    assert not torch.equal(first[0], first[1])  # worker 0 and worker 1 draw different crops
+    assert torch.equal(first, images())
