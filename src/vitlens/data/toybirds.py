@@ -261,10 +261,11 @@ def render_bird(
     bird = Image.new("L", (size, size), 0)
     parts = Image.new("L", (size, size), 0)
     dbird, dparts = ImageDraw.Draw(bird), ImageDraw.Draw(parts)
+    leg_width = max(1, int(scale * 0.035))
     for leg in LEGS:
-        p = _affine(leg, matrix)
-        for d in (draw, dbird):
-            d.line([tuple(q) for q in p.tolist()], fill=BEAK_COLOUR if d is draw else 255, width=max(1, int(scale * 0.035)))
+        ends = [tuple(q) for q in _affine(leg, matrix).tolist()]
+        draw.line(ends, fill=BEAK_COLOUR, width=leg_width)
+        dbird.line(ends, fill=255, width=leg_width)
     layers = [(tail, wing_rgb, True), (BODY, body_rgb, False), (HEAD, body_rgb, False), (beak, BEAK_COLOUR, True)]
     wing_poly = _ellipse(*WING)
     layers += [(wing_poly, wing_rgb, True)] + [(p, pattern_rgb, True) for p in _wing_pattern(species.pattern)]
@@ -275,7 +276,6 @@ def render_bird(
         _polygon(dbird, p, 255)
         if is_part:
             _polygon(dparts, p, 255)
-    # the eye is drawn over the head, which also covers nothing of the parts: fine as is
 
     if shortcut_label is not None:
         x, y, w, h = (v * supersample for v in shortcut_box(shortcut_label, image_size))
