@@ -49,8 +49,9 @@ def test_panels_captions_and_contact_sheet(tmp_path):
     sheet = contact_sheet([row] * 5, ncols=2, gap=4)
     assert sheet.shape == (3 * row.shape[0] + 2 * 4, 2 * row.shape[1] + 4, 3)
     assert (sheet[-row.shape[0]:, row.shape[1] + 4:] == 255).all()  # the sixth cell is empty
-    panel = explanation_panel(torch.rand(3, 16, 16), {"a": torch.rand(2, 2), "b": torch.rand(16, 16)}, "cat 0.50")
-    assert panel.shape[1] == 3 * 16 + 2 * 4
+    panel = explanation_panel(torch.rand(3, 16, 16), {"a": torch.rand(2, 2), "b": torch.rand(16, 16)}, "cat 0.50",
+                              min_size=40)
+    assert panel.shape[1] == 3 * 48 + 2 * 4  # 16 px tiles enlarged 3x to reach 40 px
     save_png(panel, tmp_path / "p.png")
     assert np.array_equal(np.asarray(Image.open(tmp_path / "p.png")), panel)
 

@@ -72,6 +72,41 @@ class PerturbationResult:
     def neg_auc_per_image(self) -> torch.Tensor | None:
         return None if self.neg_correct is None else _auc(self.neg_correct.double(), self.fractions)
 
+    @classmethod
+    def from_per_image(cls, fractions: Sequence[float], **per_image: torch.Tensor | None) -> "PerturbationResult":
+        """Curves and AUCs from per-image tensors (``pos_correct``, ``pos_target_probability``,
+        ``neg_correct``, ``neg_target_probability``, each (N, S+1); a test's pair may be absent)."""
+        result = cls(fractions=tuple(float(f) for f in fractions))
+        for prefix in ("pos", "neg"):
+            cor, pr = per_image.get(f"{prefix}_correct"), per_image.get(f"{prefix}_target_probability")
+            if cor is None:
+                continue
+            acc, mp = cor.double().mean(0), pr.double().mean(0)
+            setattr(result, f"{prefix}_accuracy", acc.tolist())
+            setattr(result, f"{prefix}_probability", mp.tolist())
+            setattr(result, f"{prefix}_auc", float(_auc(acc, result.fractions)))
+            setattr(result, f"{prefix}_auc_probability", float(_auc(mp, result.fractions)))
+            setattr(result, f"{prefix}_correct", cor)
+            setattr(result, f"{prefix}_target_probability", pr)
+        return result
+
+    @classmethod
+    def concat(cls, results: Sequence["PerturbationResult"]) -> "PerturbationResult":
+        """One result over the images of several (e.g. the batches of a data set)."""
+        if not results:
+            raise ValueError("concat needs at least one PerturbationResult")
+        if any(r.fractions != results[0].fractions for r in results):
+            raise ValueError("cannot concatenate perturbation results with different fractions")
+        keys = ("pos_correct", "pos_target_probability", "neg_correct", "neg_target_probability")
+        per_image = {k: torch.cat([getattr(r, k) for r in results]) for k in keys
+                     if getattr(results[0], k) is not None}
+        return cls.from_per_image(results[0].fractions, **per_image)
+
+    def per_image(self) -> dict[str, torch.Tensor]:
+        """The per-image tensors of the tests that ran (the inverse of ``from_per_image``)."""
+        keys = ("pos_correct", "pos_target_probability", "neg_correct", "neg_target_probability")
+        return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
+
     def as_dict(self) -> dict:
         """Plain numbers (JSON-ready): fractions, curves and AUCs."""
         keys = ("pos_accuracy", "neg_accuracy", "pos_probability", "neg_probability", "pos_auc",
@@ -249,26 +284,17 @@ def perturbation_auc(
         if was_training:
             model.train()
 
-    x = (0.0,) + fractions
-    result = PerturbationResult(fractions=x)
     correct, prob = correct.cpu(), prob.cpu()
-    col = 1
+    per_image, col = {}, 1
     for name in TESTS:
         if name not in tests:
             continue
         idx = [0] + list(range(col, col + len(counts)))
         col += len(counts)
-        cor, pr = correct[:, idx], prob[:, idx]
-        acc = cor.double().mean(0)
-        mp = pr.double().mean(0)
         prefix = "pos" if name == "positive" else "neg"
-        setattr(result, f"{prefix}_accuracy", acc.tolist())
-        setattr(result, f"{prefix}_probability", mp.tolist())
-        setattr(result, f"{prefix}_auc", float(_auc(acc, x)))
-        setattr(result, f"{prefix}_auc_probability", float(_auc(mp, x)))
-        setattr(result, f"{prefix}_correct", cor)
-        setattr(result, f"{prefix}_target_probability", pr)
-    return result
+        per_image[f"{prefix}_correct"] = correct[:, idx]
+        per_image[f"{prefix}_target_probability"] = prob[:, idx]
+    return PerturbationResult.from_per_image((0.0,) + fractions, **per_image)
 
 
 def _run_group(model, images, relevance, labels, targets, mean_t, std_t, step_test, step_k, *,

@@ -82,17 +82,33 @@ def _font(size: int):
 
 
 def caption(tile: np.ndarray, text: str, *, height: int | None = None) -> np.ndarray:
-    """A uint8 (H, W, 3) tile with a white strip of ``text`` (e.g. "cardinal 0.93") below it."""
+    """A uint8 (H, W, 3) tile with a white strip of ``text`` (e.g. "cardinal 0.93") below it.
+
+    Long text gets a smaller font (down to 9 px), then is cut with "...".
+    """
     tile = np.asarray(tile, dtype=np.uint8)
     h, w = tile.shape[:2]
-    height = height or max(14, h // 9)
-    font = _font(max(8, int(height * 0.75)))
+    height = height or max(16, h // 9)
     strip = Image.new("RGB", (w, height), "white")
     draw = ImageDraw.Draw(strip)
-    while text and draw.textlength(text, font=font) > w - 4 and len(text) > 4:
+    size = max(9, int(height * 0.75))
+    font = _font(size)
+    while size > 9 and draw.textlength(text, font=font) > w - 4:
+        size -= 1
+        font = _font(size)
+    while draw.textlength(text, font=font) > w - 4 and len(text) > 4:
         text = text.removesuffix("...")[:-1] + "..."
-    draw.text((2, 0), text, fill="black", font=font)
+    draw.text((2, (height - size) // 2), text, fill="black", font=font)
     return np.concatenate([tile, np.asarray(strip)], axis=0)
+
+
+def upscale(tile: np.ndarray, min_size: int) -> np.ndarray:
+    """Enlarge a uint8 (H, W, 3) tile (nearest neighbour, whole factors) until its shorter side is >= min_size."""
+    h, w = tile.shape[:2]
+    factor = -(-min_size // min(h, w))
+    if factor <= 1:
+        return tile
+    return np.asarray(tile).repeat(factor, axis=0).repeat(factor, axis=1)
 
 
 def side_by_side(tiles: Sequence[np.ndarray], captions: Sequence[str] | None = None, *, gap: int = 4) -> np.ndarray:
@@ -132,12 +148,13 @@ def contact_sheet(tiles: Sequence[np.ndarray], ncols: int = 4, *, gap: int = 4) 
 
 
 def explanation_panel(image01, heatmaps: Mapping[str, torch.Tensor], title: str, *, alpha: float = 0.5,
-                      colormap: str = "jet") -> np.ndarray:
+                      colormap: str = "jet", min_size: int = 160) -> np.ndarray:
     """One image beside an overlay of each method's map: uint8 (H', W', 3).
 
     ``image01``: (3, H, W) in [0, 1]; ``heatmaps``: method name -> (H, W) or (h, w) map;
     ``title``: the first tile's caption (e.g. "cardinal 0.93"); overlays are captioned
-    with the method names.
+    with the method names. Small images are enlarged (whole factors, nearest neighbour) to
+    at least ``min_size`` pixels so captions stay readable.
     """
     image = image01.unsqueeze(0) if isinstance(image01, torch.Tensor) else np.asarray(image01)[None]
     base = overlay(image, torch.zeros(1, *image.shape[-2:]), alpha=0.0)[0]
@@ -146,7 +163,7 @@ def explanation_panel(image01, heatmaps: Mapping[str, torch.Tensor], title: str,
         m = m if isinstance(m, torch.Tensor) else torch.as_tensor(np.asarray(m))
         tiles.append(overlay(image, m.unsqueeze(0), alpha=alpha, colormap=colormap)[0])
         names.append(name)
-    return side_by_side(tiles, names)
+    return side_by_side([upscale(t, min_size) for t in tiles], names)
 
 
 def plot_perturbation_curves(results_by_method: Mapping[str, object], path=None, *, title: str = ""):
