@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -138,3 +139,28 @@ def test_command_line(tmp_path, capsys):
     grid = Image.open(tmp_path / "grid.png")
     assert grid.size[1] > grid.size[0] / 8  # two rows of tiles
     assert "manifest.csv" in capsys.readouterr().out
+
+
+def _generate_in_process(out: str) -> None:
+    generate_toybirds(out, **SMALL)
+
+
+def test_two_processes_generate_while_a_reader_never_sees_half_a_set(tmp_path):
+    import multiprocessing
+
+    out = tmp_path / "tb"
+    context = multiprocessing.get_context("spawn")
+    writers = [context.Process(target=_generate_in_process, args=(str(out),)) for _ in range(2)]
+    for w in writers:
+        w.start()
+    looks = 0
+    while any(w.is_alive() for w in writers) or looks == 0:
+        if (out / "manifest.csv").exists():  # once visible, the whole set is there
+            rows = _rows(out)
+            assert len(rows) == 21 and all((out / r["path"]).exists() and (out / r["mask"]).exists() for r in rows)
+            looks += 1
+        time.sleep(0.005)  # poll politely; correctness does not depend on it
+    for w in writers:
+        w.join()
+        assert w.exitcode == 0
+    assert [p.name for p in tmp_path.iterdir()] == ["tb"]
