@@ -7,7 +7,7 @@ import lightning as L
 import pytest
 import torch
 
-from conftest import TINY_CLASSES, TINY_MODEL, tiny_dataloaders
+from conftest import TINY_CLASSES, TINY_MODEL, tiny_datamodule
 from vitlens.models import (
     CheckpointClassMismatchError,
     ViTClassifier,
@@ -203,11 +203,11 @@ def test_fit_and_checkpoint_round_trip_same_logits(tiny_dataset_dir, tmp_path):
     L.seed_everything(0, verbose=False)
     model = ViTClassifier(class_names=TINY_CLASSES, lr=1e-2, layer_decay=0.8, warmup_epochs=0.5,
                           label_smoothing=0.1, mixup_alpha=0.8, cutmix_alpha=1.0, **TINY_MODEL)
-    train_loader, val_loader = tiny_dataloaders(tiny_dataset_dir, model.mean, model.std)
+    data = tiny_datamodule(tiny_dataset_dir)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     trainer = L.Trainer(accelerator="cpu", max_epochs=2, logger=False, enable_progress_bar=False,
                         enable_model_summary=False, default_root_dir=tmp_path, enable_checkpointing=False)
-    trainer.fit(model, train_loader, val_loader)
+    trainer.fit(model, datamodule=data)
     assert trainer.global_step == 8
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
     for key in ("train/loss", "val/loss", "val/acc", "val/acc_top5", f"val/acc_class/{TINY_CLASSES[0]}"):
@@ -220,7 +220,7 @@ def test_fit_and_checkpoint_round_trip_same_logits(tiny_dataset_dir, tmp_path):
     path = tmp_path / "round_trip.ckpt"
     trainer.save_checkpoint(path)
     reloaded = load_classifier(path)
-    images = next(iter(val_loader))["image"]
+    images = next(iter(data.val_dataloader()))["image"]
     model.eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(images), model(images), rtol=0, atol=0)
@@ -231,13 +231,13 @@ def test_confusion_matrix_counts_and_logging_to_tensorboard(tiny_classifier_chec
     from lightning.pytorch.loggers import TensorBoardLogger
 
     model = load_classifier(tiny_classifier_checkpoint)
-    _, val_loader = tiny_dataloaders(tiny_dataset_dir, model.mean, model.std)
+    data = tiny_datamodule(tiny_dataset_dir)
     captured = {}
     original = model._log_confusion_matrix
     model._log_confusion_matrix = lambda stage, confusion: (captured.setdefault(stage, confusion.clone()), original(stage, confusion))
     trainer = L.Trainer(accelerator="cpu", logger=TensorBoardLogger(tmp_path), enable_progress_bar=False,
                         enable_model_summary=False)
-    result = trainer.validate(model, val_loader, verbose=False)[0]
+    result = trainer.validate(model, datamodule=data, verbose=False)[0]
     confusion = captured["val"]
     assert confusion.shape == (4, 4) and int(confusion.sum()) == 16
     assert result["val/acc"] == pytest.approx(float(confusion.diag().sum() / 16))
@@ -260,12 +260,20 @@ def test_load_classifier_errors(tmp_path):
         load_classifier(tmp_path / "foreign.ckpt")
 
 
-def test_checkpoint_classes_must_match_the_dataset(tiny_classifier_checkpoint, tiny_dataset_dir):
-    model = ViTClassifier(class_names=[*TINY_CLASSES[:3], "star"], **TINY_MODEL)
-    _, val_loader = tiny_dataloaders(tiny_dataset_dir, model.mean, model.std)
+def test_checkpoint_classes_must_match_the_dataset(tiny_classifier_checkpoint, tiny_dataset_dir, tmp_path):
+    checkpoint = torch.load(tiny_classifier_checkpoint, map_location="cpu", weights_only=False)
+    checkpoint["hyper_parameters"]["class_names"] = [*TINY_CLASSES[:3], "star"]
+    other = tmp_path / "other_classes.ckpt"
+    torch.save(checkpoint, other)
+    model = ViTClassifier(class_names=TINY_CLASSES, **TINY_MODEL)
+    data = tiny_datamodule(tiny_dataset_dir)
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
     with pytest.raises(CheckpointClassMismatchError) as err:
-        trainer.validate(model, val_loader, ckpt_path=str(tiny_classifier_checkpoint), verbose=False)
+        trainer.validate(model, datamodule=data, ckpt_path=str(other), verbose=False)
     message = str(err.value)
-    assert f"only in checkpoint: [{TINY_CLASSES[3]!r}]; only in dataset: ['star']" in message
-    assert "tiny_vit.ckpt" in message and "\n" not in message
+    assert f"only in checkpoint: ['star']; only in dataset: [{TINY_CLASSES[3]!r}]" in message
+    assert "other_classes.ckpt" in message and "\n" not in message
+
+    wrong_model = ViTClassifier(class_names=[*TINY_CLASSES[:3], "star"], **TINY_MODEL)
+    with pytest.raises(CheckpointClassMismatchError, match="the model \\(class_names\\) has 4 classes"):
+        trainer.validate(wrong_model, datamodule=data, verbose=False)

@@ -84,6 +84,13 @@ class ViTClassifier(L.LightningModule):
         super().__init__()
         names = _resolve_class_names(class_names, num_classes)
         default_mean, default_std = backbone_normalization(backbone)
+        # the backbone's own mean/std is recorded as None in the initial hparams (what loggers
+        # get, and what Lightning compares with the data module's `mean=None`); `hparams` holds
+        # the resolved values either way
+        if mean is not None and tuple(float(v) for v in mean) == tuple(default_mean):
+            mean = None
+        if std is not None and tuple(float(v) for v in std) == tuple(default_std):
+            std = None
         kwargs = dict(backbone_kwargs or {})
         if img_size is not None:
             kwargs["img_size"] = img_size
@@ -137,7 +144,7 @@ class ViTClassifier(L.LightningModule):
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         data_classes = getattr(dm, "class_names", None)
         if data_classes is not None and list(data_classes) != self.class_names:
-            raise CheckpointClassMismatchError(class_mismatch_message("the model", self.class_names, data_classes))
+            raise CheckpointClassMismatchError(class_mismatch_message("the model (class_names)", self.class_names, data_classes))
         if stage == "fit" and not self._initial_weights_loaded and self.trainer.ckpt_path is None:
             self.load_initial_weights()
 

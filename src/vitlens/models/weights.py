@@ -41,7 +41,7 @@ def class_mismatch_message(source: str, checkpoint_classes: Sequence[str], datas
         detail = f"same classes in another order: checkpoint {ck}, dataset {ds}"
     else:
         detail = f"only in checkpoint: {_short(only_ck)}; only in dataset: {_short(only_ds)}"
-    return f"{source} was trained on {len(ck)} classes that differ from the dataset's {len(ds)} ({detail})"
+    return f"{source} has {len(ck)} classes that differ from the dataset's {len(ds)} ({detail})"
 
 
 def _short(items: Sequence[str], limit: int = 8) -> str:
