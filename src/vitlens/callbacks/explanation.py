@@ -31,7 +31,23 @@ from torch.utils.data import default_collate
 
 from vitlens.callbacks.probe import dataset_class_names, dataset_labels, stratified_order
 from vitlens.data.normalization import denormalize
-from vitlens.relevance import heatmap
+from vitlens.metrics import (
+    PerturbationResult,
+    boxes_to_masks,
+    perturbation_auc,
+    pointing_game,
+    relevance_on_object,
+)
+from vitlens.relevance import METHODS, PRECISIONS, explain_many, heatmap
+from vitlens.relevance.display import (
+    caption,
+    contact_sheet,
+    figure_to_array,
+    overlay,
+    plot_perturbation_curves,
+    save_png,
+    side_by_side,
+)
 
 __all__ = ["ExplanationCallback"]
 
@@ -48,7 +64,9 @@ class ExplanationCallback(Callback):
         num_samples: size of the probe set shown every epoch (stratified by class, seeded).
         every_n_epochs: run at the end of every n-th validation epoch (never in the sanity check).
         perturbation_samples: validation images in the perturbation test (0 switches it off).
-        batch_size: images per call to the model / ``explain`` (bounds memory).
+        batch_size: images per ``explain_many`` call (bounds memory of the relevance pass).
+        perturbation_batch_size: perturbed images per model call in the perturbation test.
+        precision: ``explain``'s precision (None: the model's dtype; ``"bf16"`` is fastest on GPUs).
         include_random: also score the ``random`` control, the chance level of every metric.
         strict: re-raise errors instead of warning and switching off (for tests).
         log_table: log the W&B table ``explain/table`` (one row per epoch and probe sample).
@@ -62,6 +80,8 @@ class ExplanationCallback(Callback):
         every_n_epochs: int = 1,
         perturbation_samples: int = 64,
         batch_size: int = 32,
+        perturbation_batch_size: int = 128,
+        precision: str | None = None,
         include_random: bool = True,
         strict: bool = False,
         log_table: bool = True,
@@ -71,17 +91,17 @@ class ExplanationCallback(Callback):
         if isinstance(methods, str):
             methods = (methods,)
         methods = tuple(methods)
-        from vitlens import relevance
-
-        known = getattr(relevance, "METHODS", None)
         for method in methods:
-            if known is not None and method not in known:
-                raise ValueError(f"ExplanationCallback: unknown method {method!r}; choose from {', '.join(known)}")
+            if method not in METHODS:
+                raise ValueError(f"ExplanationCallback: unknown method {method!r}; choose from {', '.join(METHODS)}")
+        if precision is not None and precision not in PRECISIONS:
+            raise ValueError(f"ExplanationCallback: precision must be None or one of {', '.join(PRECISIONS)}, got {precision!r}")
         for name, value, low in (
             ("num_samples", num_samples, 0),
             ("every_n_epochs", every_n_epochs, 1),
             ("perturbation_samples", perturbation_samples, 0),
             ("batch_size", batch_size, 1),
+            ("perturbation_batch_size", perturbation_batch_size, 1),
         ):
             if int(value) != value or value < low:
                 raise ValueError(f"ExplanationCallback: {name} must be an integer >= {low}, got {value!r}")
@@ -90,6 +110,8 @@ class ExplanationCallback(Callback):
         self.every_n_epochs = int(every_n_epochs)
         self.perturbation_samples = int(perturbation_samples)
         self.batch_size = int(batch_size)
+        self.perturbation_batch_size = int(perturbation_batch_size)
+        self.precision = precision
         self.include_random = bool(include_random or _RANDOM in methods)
         self.strict = bool(strict)
         self.log_table = bool(log_table)
@@ -105,10 +127,6 @@ class ExplanationCallback(Callback):
         self._table = None
 
     # ------------------------------------------------------------------ state
-    @property
-    def state_key(self) -> str:
-        return self._generate_state_key(methods=self.methods, num_samples=self.num_samples, seed=self.seed)
-
     @property
     def probe_indices(self) -> list[int]:
         """Dataset indices of the probe set (empty before fitting starts)."""
@@ -224,16 +242,19 @@ class ExplanationCallback(Callback):
         return self._cache[1]
 
     # ------------------------------------------------------------------ computing (every rank)
-    def _explain(self, pl_module: LightningModule, images: torch.Tensor, method: str, targets: torch.Tensor):
-        from vitlens.relevance import explain
-
-        if len(images) == 0:
-            return None
-        chunks = [
-            explain(pl_module, images[i : i + self.batch_size], method=method, targets=targets[i : i + self.batch_size])
-            for i in range(0, len(images), self.batch_size)
-        ]
-        return torch.cat([c.detach().float() for c in chunks])
+    def _explain(self, pl_module: LightningModule, images: torch.Tensor, targets: torch.Tensor):
+        """Maps of every method (one shared forward/backward pass per chunk) and the logits."""
+        methods = self.methods + ((_RANDOM,) if self.include_random else ())
+        maps: dict[str, list[torch.Tensor]] = {m: [] for m in methods}
+        logits = []
+        for i in range(0, len(images), self.batch_size):
+            out = explain_many(
+                pl_module, images[i : i + self.batch_size], methods, targets[i : i + self.batch_size], precision=self.precision
+            )
+            for method in methods:
+                maps[method].append(out.maps[method].detach().float())
+            logits.append(out.logits.detach().float())
+        return {m: torch.cat(v) for m, v in maps.items()}, torch.cat(logits)
 
     def _compute(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Any] | None:
         positions = self._shard(trainer)
@@ -243,29 +264,36 @@ class ExplanationCallback(Callback):
             return self._compute_shard(trainer, pl_module, positions)
 
     def _compute_shard(self, trainer: Trainer, pl_module: LightningModule, positions: list[int]) -> dict[str, Any]:
-        from vitlens.metrics import perturbation_auc
-        from vitlens.relevance.display import overlay
-
         pl_module.eval()
         device = pl_module.device
         batch = self._load(trainer, positions)
-        images = batch["image"].to(device).clone()
+        images = batch["image"].to(device)
         labels = batch["label"].to(device)
-        with torch.no_grad():
-            logits = torch.cat([pl_module(images[i : i + self.batch_size]) for i in range(0, len(images), self.batch_size)])
-        probabilities = logits.float().softmax(-1)
+        # explain the true class; the same pass gives the prediction, then the misclassified again for it
+        true_maps, logits = self._explain(pl_module, images, labels)
+        probabilities = logits.softmax(-1)
         predictions = probabilities.argmax(-1)
         wrong = predictions != labels
+        predicted_maps = {m: t.clone() for m, t in true_maps.items()}
+        if wrong.any():
+            again, _ = self._explain(pl_module, images[wrong], predictions[wrong])
+            for method, maps in again.items():
+                predicted_maps[method][wrong] = maps
+
         where = torch.as_tensor(positions)
-        probe = (where < self.num_samples).to(device)
+        probe_cpu = where < self.num_samples
+        probe = probe_cpu.to(device)
         perturbed = (where < self.perturbation_samples).to(device)
         mean, std = _normalisation(trainer, pl_module)
         size = tuple(images.shape[-2:])
         images01 = denormalize(images[probe], mean, std).clamp(0, 1)
+        objects = _object_masks(batch, size)  # (N, H, W), empty where a sample has none; or None
+        shown_wrong = wrong[probe]
 
         out: dict[str, Any] = {
-            "positions": where[probe.cpu()].tolist(),
-            "index": batch["index"][probe.cpu()].tolist() if "index" in batch else where[probe.cpu()].tolist(),
+            "all_positions": positions,
+            "positions": where[probe_cpu].tolist(),
+            "index": (batch["index"] if "index" in batch else where)[probe_cpu].tolist(),
             "label": labels[probe].tolist(),
             "prediction": predictions[probe].tolist(),
             "probability": probabilities[probe].gather(1, predictions[probe, None]).squeeze(1).tolist(),
@@ -276,30 +304,32 @@ class ExplanationCallback(Callback):
             "perturbation": {},
             "localisation": {},
         }
-        methods = self.methods + ((_RANDOM,) if self.include_random else ())
-        for method in methods:
-            true_maps = self._explain(pl_module, images, method, labels)
-            predicted_maps = true_maps.clone()
-            if wrong.any():
-                predicted_maps[wrong] = self._explain(pl_module, images[wrong], method, predictions[wrong])
+        for method in true_maps:
             if method != _RANDOM and probe.any():
-                out["maps"][method] = true_maps[probe].cpu()
-                out["overlay"][method] = _as_uint8_list(overlay(images01, heatmap(true_maps[probe], size)))
-                shown_wrong = wrong[probe]
-                out["overlay_predicted"][method] = {
-                    i: array
-                    for i, array in zip(
-                        shown_wrong.nonzero().flatten().tolist(),
-                        _as_uint8_list(overlay(images01[shown_wrong], heatmap(predicted_maps[probe][shown_wrong], size)))
-                        if shown_wrong.any()
-                        else [],
-                    )
-                }
+                out["maps"][method] = true_maps[method][probe].cpu()
+                out["overlay"][method] = list(overlay(images01, heatmap(true_maps[method][probe], size)))
+                out["overlay_predicted"][method] = {}
+                if shown_wrong.any():
+                    tiles = overlay(images01[shown_wrong], heatmap(predicted_maps[method][probe][shown_wrong], size))
+                    out["overlay_predicted"][method] = dict(zip(shown_wrong.nonzero().flatten().tolist(), tiles))
             if perturbed.any():
                 result = perturbation_auc(
-                    pl_module, images[perturbed], predicted_maps[perturbed], labels[perturbed], mean=mean, std=std
+                    pl_module,
+                    images[perturbed],
+                    predicted_maps[method][perturbed],
+                    labels[perturbed],
+                    mean=mean,
+                    std=std,
+                    targets=predictions[perturbed],
+                    batch_size=self.perturbation_batch_size,
                 )
-                out["perturbation"][method] = (int(perturbed.sum()), _result_dict(result))
+                out["perturbation"][method] = (int(perturbed.sum()), result.as_dict())
+            if objects is not None:
+                maps = heatmap(predicted_maps[method], size)
+                out["localisation"][method] = {
+                    "pointing_game": pointing_game(maps, objects).cpu(),
+                    "relevance_on_object": relevance_on_object(maps, objects).cpu(),
+                }
         return out
 
     # ------------------------------------------------------------------ logging (global rank 0)
@@ -307,7 +337,8 @@ class ExplanationCallback(Callback):
         scalars: dict[str, float] = {}
         for method, values in merged["perturbation"].items():
             for key in _AUC_KEYS:
-                scalars[f"explain/{method}/{key}"] = values[key]
+                scalars[f"explain/{method}/{key}"] = float(getattr(values, key))
+        scalars.update(merged["localisation"])
         drift = self._drift(merged)
         for method, per_sample in drift.items():
             finite = [v for v in per_sample if np.isfinite(v)]
@@ -343,13 +374,13 @@ class ExplanationCallback(Callback):
             drift[method] = values
         return drift
 
-    def _caption(self, merged: dict[str, Any], i: int, method: str) -> str:
+    def _caption(self, merged: dict[str, Any], i: int, method: str, *, both: bool = True) -> str:
         label, prediction = merged["label"][i], merged["prediction"][i]
         caption = (
             f"#{merged['index'][i]} true: {self._name(label)} | predicted: {self._name(prediction)}"
             f" ({merged['probability'][i]:.2f})"
         )
-        if i in merged["overlay_predicted"].get(method, {}):
+        if both and i in merged["overlay_predicted"].get(method, {}):
             caption += f" | left: map of {self._name(label)}, right: map of {self._name(prediction)}"
         return caption
 
@@ -362,32 +393,44 @@ class ExplanationCallback(Callback):
         panels = []
         for i, true_overlay in enumerate(merged["overlay"][method]):
             other = merged["overlay_predicted"][method].get(i)
-            panels.append(true_overlay if other is None else np.concatenate([true_overlay, other], axis=1))
+            panels.append(true_overlay if other is None else side_by_side([true_overlay, other]))
         return panels
+
+    def _sheet(self, merged: dict[str, Any], method: str) -> np.ndarray:
+        """All probe samples of one method in one captioned picture (TensorBoard, PNG files)."""
+        tiles = []
+        for i, panel in enumerate(self._panels(merged, method)):
+            text = f"{self._name(merged['label'][i])} -> {self._name(merged['prediction'][i])} {merged['probability'][i]:.2f}"
+            tiles.append(caption(panel, text))
+        return contact_sheet(tiles)
 
     def _wandb_payload(self, merged, scalars, drift, epoch) -> dict[str, Any]:
         import wandb
 
         payload: dict[str, Any] = dict(scalars)
         payload["epoch"] = epoch
-        for method in merged["overlay"]:
+        for method in merged["overlay"]:  # same-size images per key, as the W&B UI wants
             payload[f"explain/{method}/maps"] = [
-                wandb.Image(panel, caption=self._caption(merged, i, method))
-                for i, panel in enumerate(self._panels(merged, method))
+                wandb.Image(tile, caption=self._caption(merged, i, method, both=False))
+                for i, tile in enumerate(merged["overlay"][method])
             ]
+            predicted = merged["overlay_predicted"][method]
+            if predicted:
+                payload[f"explain/{method}/maps_predicted"] = [
+                    wandb.Image(tile, caption=self._caption(merged, i, method, both=False) + f" | map of the predicted class")
+                    for i, tile in sorted(predicted.items())
+                ]
         if merged["perturbation"]:
-            fractions, ys, keys = None, [], []
+            ys, keys = [], []
             for method, values in merged["perturbation"].items():
-                fractions = [0.0, *values["fractions"]] if values["fractions"][0] > 0 else list(values["fractions"])
-                for test in ("pos", "neg"):
-                    curve = list(values[f"{test}_accuracy"])
-                    ys.append(curve[-len(fractions) :])
-                    keys.append(f"{method} {'positive' if test == 'pos' else 'negative'}")
+                for test, name in (("pos", "positive"), ("neg", "negative")):
+                    ys.append(list(getattr(values, f"{test}_accuracy")))
+                    keys.append(f"{method} {name}")
             payload["explain/perturbation_curves"] = wandb.plot.line_series(
-                xs=fractions,
+                xs=list(values.fractions),
                 ys=ys,
                 keys=keys,
-                title=f"Perturbation test, epoch {epoch} (accuracy vs fraction of pixels removed)",
+                title=f"Perturbation test, epoch {epoch}: accuracy vs fraction of pixels removed",
                 xname="fraction removed",
             )
         if self.log_table and merged["overlay"]:
@@ -399,7 +442,9 @@ class ExplanationCallback(Callback):
 
         methods = list(merged["overlay"])
         columns = ["epoch", "sample_id", "image", *methods, "label", "prediction", "probability"]
-        columns += [f"{m}/drift" for m in methods]
+        located = {k: v for k, v in merged["localisation_per_sample"].items() if k.split("/")[0] in methods}
+        scores = [f"{m}/drift" for m in methods] + list(located)
+        columns += scores
         if self._table is None or list(self._table.columns) != columns:
             self._table = wandb.Table(columns=columns, log_mode="INCREMENTAL")
         panels = {m: self._panels(merged, m) for m in methods}
@@ -413,41 +458,24 @@ class ExplanationCallback(Callback):
                 self._name(merged["prediction"][i]),
                 float(merged["probability"][i]),
                 *[float(drift[m][i]) for m in methods],
+                *[float(v[i]) for v in located.values()],
             )
         return self._table
 
     def _log_tensorboard(self, logger, merged, scalars, step) -> None:
-        from vitlens.relevance.display import contact_sheet
-
         for method in merged["overlay"]:
-            sheet = contact_sheet(self._panels(merged, method))
-            logger.experiment.add_image(f"explain/{method}/maps", sheet, global_step=step, dataformats="HWC")
-        figure = self._curves_figure(merged)
-        if figure is not None:
-            logger.experiment.add_figure("explain/perturbation_curves", figure, global_step=step)
+            logger.experiment.add_image(f"explain/{method}/maps", self._sheet(merged, method), global_step=step, dataformats="HWC")
+        if merged["perturbation"]:
+            curves = figure_to_array(plot_perturbation_curves(merged["perturbation"]))
+            logger.experiment.add_image("explain/perturbation_curves", curves, global_step=step, dataformats="HWC")
         logger.log_metrics(scalars, step=step)
 
-    def _curves_figure(self, merged):
-        if not merged["perturbation"]:
-            return None
-        from vitlens.relevance.display import plot_perturbation_curves
-
-        return plot_perturbation_curves(merged["perturbation"])
-
     def _write_pngs(self, folder: Path, merged: dict[str, Any]) -> None:
-        from PIL import Image
-
-        from vitlens.relevance.display import contact_sheet
-
         folder.mkdir(parents=True, exist_ok=True)
         for method in merged["overlay"]:
-            Image.fromarray(np.asarray(contact_sheet(self._panels(merged, method)))).save(folder / f"{method}.png")
-        figure = self._curves_figure(merged)
-        if figure is not None:
-            import matplotlib.pyplot as plt
-
-            figure.savefig(folder / "perturbation_curves.png")
-            plt.close(figure)
+            save_png(self._sheet(merged, method), folder / f"{method}.png")
+        if merged["perturbation"]:
+            plot_perturbation_curves(merged["perturbation"], folder / "perturbation_curves.png")
 
 
 # ---------------------------------------------------------------------- helpers
@@ -506,23 +534,25 @@ def _normalisation(trainer: Trainer, pl_module: LightningModule):
     )
 
 
+def _object_masks(batch: dict[str, torch.Tensor], size: tuple[int, int]) -> torch.Tensor | None:
+    """Object masks of the batch (from ``mask``, else from ``box``); samples without one get an empty mask."""
+    if "mask" in batch:
+        masks = batch["mask"].float()
+        valid = batch.get("has_mask")
+    elif "box" in batch:
+        masks = boxes_to_masks(batch["box"], size)
+        valid = batch.get("has_box")
+    else:
+        return None
+    if tuple(masks.shape[-2:]) != tuple(size):
+        raise ValueError(f"ExplanationCallback: object masks are {tuple(masks.shape[-2:])} but images are {size}")
+    if valid is not None:
+        masks = masks * valid.view(-1, 1, 1).to(masks)
+    return masks  # an empty mask gives NaN scores, left out of the means
+
+
 def _to_uint8(images01: torch.Tensor) -> list[np.ndarray]:
     return list((images01 * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy())
-
-
-def _as_uint8_list(arrays) -> list[np.ndarray]:
-    if isinstance(arrays, torch.Tensor):
-        arrays = arrays.cpu().numpy()
-    return [np.ascontiguousarray(np.asarray(a, dtype=np.uint8)) for a in arrays]
-
-
-def _result_dict(result) -> dict[str, Any]:
-    values = {}
-    for key in ("fractions", *_CURVE_KEYS):
-        values[key] = [float(v) for v in np.asarray(torch.as_tensor(getattr(result, key)).cpu()).ravel()]
-    for key in _AUC_KEYS:
-        values[key] = float(getattr(result, key))
-    return values
 
 
 def _correlation(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -560,9 +590,20 @@ def _merge(shards: list[dict[str, Any] | None]) -> dict[str, Any]:
     for method in shards[0]["perturbation"] if shards else []:
         parts = [s["perturbation"][method] for s in shards if method in s["perturbation"]]
         total = sum(n for n, _ in parts)
-        values = {"fractions": parts[0][1]["fractions"], "images": total}
-        for key in (*_CURVE_KEYS, *_AUC_KEYS):
-            values[key] = np.sum([np.asarray(v[key]) * n for n, v in parts], axis=0) / total
-            values[key] = values[key].tolist() if values[key].ndim else float(values[key])
-        merged["perturbation"][method] = values
+        values = {}
+        for key in (*_CURVE_KEYS, *_AUC_KEYS):  # the AUC is linear in the curve: weighted means are exact
+            mean = np.sum([np.asarray(v[key], dtype=np.float64) * n for n, v in parts], axis=0) / total
+            values[key] = mean.tolist() if mean.ndim else float(mean)
+        merged["perturbation"][method] = PerturbationResult(fractions=tuple(parts[0][1]["fractions"]), **values)
+    # localisation: per explained image; probe rows for the table, means over all explained images
+    merged["localisation"] = {}
+    merged["localisation_per_sample"] = {}
+    everything = sorted((p, r, i) for r, s in enumerate(shards) for i, p in enumerate(s["all_positions"]))
+    for method in shards[0]["localisation"] if shards else []:
+        for score in shards[0]["localisation"][method]:
+            values = np.array([float(shards[r]["localisation"][method][score][i]) for _, r, i in everything])
+            by_position = dict(zip((p for p, _, _ in everything), values))
+            merged["localisation_per_sample"][f"{method}/{score}"] = [by_position[p] for p in merged["positions"]]
+            if np.isfinite(values).any():
+                merged["localisation"][f"explain/{method}/{score}"] = float(np.nanmean(values))
     return merged
