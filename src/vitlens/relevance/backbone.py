@@ -390,7 +390,10 @@ def block_forward(bb: Backbone, w: BlockWeights, x: torch.Tensor, *, keep_attn: 
     t = BlockTrace()
     h1 = layer_norm(x, w.norm1)
     qkv = bb.linear(h1, w.qkv)
-    q, k, v = qkv.view(B, N, 3, w.num_heads, w.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    qkv_heads = qkv.view(B, N, 3, w.num_heads, w.head_dim).permute(2, 0, 3, 1, 4)
+    if keep_attn or keep_all:  # contiguous q, k, v: every attention matmul reads them
+        qkv_heads = qkv_heads.contiguous()
+    q, k, v = qkv_heads.unbind(0)
     q, k = layer_norm(q, w.q_norm), layer_norm(k, w.k_norm)
     if keep_attn or keep_all:
         attn = bb.mm(q * w.scale, k.transpose(-2, -1)).softmax(dim=-1)

@@ -289,7 +289,7 @@ def _run(bb: Backbone, images: torch.Tensor, req: dict[str, dict], targets) -> E
                 R, R_attn = rules.block_rule(bb, bb.blocks[i], trace.blocks[i], R,
                                              to_input=i > paper_from)
                 if r_ta is not None and i >= start["transformer_attribution"]:
-                    r_ta = chain(r_ta, [(grads.pop(i) * R_attn).clamp(min=0).mean(1)])
+                    r_ta = chain(r_ta, [grads.pop(i).mul_(R_attn).clamp_(min=0).mean(1)])
                 if r_lr is not None and i >= start["lrp_rollout"]:
                     r_lr = chain(r_lr, [R_attn.clamp(min=0).mean(1)])
                 del R_attn

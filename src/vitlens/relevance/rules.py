@@ -20,21 +20,23 @@ def sdiv(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a / (b + EPS)).masked_fill_(b == 0, 0)
 
 
-def _mm(bb: Backbone, a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """``a @ w`` with ``w`` already in the matmul dtype; result in the compute dtype."""
+def _mm(bb: Backbone, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` in the matmul dtype; result in the compute dtype."""
     if bb.mm_dtype == bb.dtype:
-        return a @ w
-    return (a.to(bb.mm_dtype) @ w).to(bb.dtype)
+        return a @ b
+    return (a.to(bb.mm_dtype) @ b.to(bb.mm_dtype)).to(bb.dtype)
 
 
 def linear_rule(bb: Backbone, layer: Linear, x: torch.Tensor, R: torch.Tensor,
                 out: torch.Tensor | None = None, *, plain: bool = False) -> torch.Tensor:
     """Relevance at the input ``x`` of a Linear layer (alpha=1, beta=0, bias ignored).
 
-    Paper rule: ``Z = x+ W+^T + x- W-^T``, ``S = sdiv(R, Z)``, ``R_x = x+ (S W+) + x- (S W-)``,
-    computed as ``Z = (x W^T + |x| |W|^T) / 2`` (``x W^T`` is the forward output minus the
-    bias, ``out``) and ``R_x = (x (S W) + |x| (S |W|)) / 2``: two matmuls the size of the
-    forward one instead of four. ``plain``: ``S1 = sdiv(R, x+ W+^T)``, ``S2 = sdiv(R, x- W-^T)``.
+    Paper rule: ``Z = x+ W+^T + x- W-^T``, ``S = sdiv(R, Z)``, ``R_x = x+ (S W+) + x- (S W-)``.
+    Computed with two matmuls the size of the forward one instead of four, from
+    ``2 Z = x W^T + |x| |W|^T`` (``x W^T`` is the forward output ``out`` minus the bias) and
+    ``R_x = x (S' W) + |x| (S' |W|)`` with ``S' = R / (2 Z + 2e-9) = S / 2``. Where ``Z == 0``
+    every product that ``S`` multiplies is 0 (Z is a sum of non-negative terms), so the
+    ``sdiv`` mask is not needed. ``plain``: ``S1 = sdiv(R, x+ W+^T)``, ``S2 = sdiv(R, x- W-^T)``.
     """
     W, Wabs = layer.mm_weight, layer.abs_weight
     if plain:
@@ -43,14 +45,16 @@ def linear_rule(bb: Backbone, layer: Linear, x: torch.Tensor, R: torch.Tensor,
         S1 = sdiv(R, _mm(bb, xp, Wp.T))
         S2 = sdiv(R, _mm(bb, xn, Wn.T))
         return xp * _mm(bb, S1, Wp) + xn * _mm(bb, S2, Wn)
-    if out is None:
-        xw = _mm(bb, x, W.T)
-    else:
-        xw = out if layer.bias is None else out - layer.bias
     xabs = x.abs()
-    Z = (xw + _mm(bb, xabs, Wabs.T)) / 2
-    S = sdiv(R, Z)
-    return (x * _mm(bb, S, W) + xabs * _mm(bb, S, Wabs)) / 2
+    if out is None:
+        den = _mm(bb, x, W.T).add_(2 * EPS)
+    elif layer.bias is None:
+        den = out + 2 * EPS
+    else:
+        den = out - (layer.bias - 2 * EPS)
+    den.add_(_mm(bb, xabs, Wabs.T))
+    S = torch.div(R, den, out=den)
+    return _mm(bb, S, W).mul_(x).addcmul_(xabs, _mm(bb, S, Wabs))
 
 
 def residual_rule(u: torch.Tensor, v: torch.Tensor, z: torch.Tensor, R: torch.Tensor, *,
@@ -79,7 +83,8 @@ def fork_rule(x: torch.Tensor, R_skip: torch.Tensor, R_branch: torch.Tensor) -> 
     of the two relevances, through the z-rule stabiliser (and 0 where ``x == 0``). The golden
     maps need this form: a bare ``R1 + R2`` differs from them by ~1e-5 relative.
     """
-    return x * sdiv(R_skip + R_branch, x)
+    # no mask needed: where x == 0 the product is 0 either way
+    return (R_skip + R_branch).div_(x + EPS).mul_(x)
 
 
 def block_rule(bb: Backbone, w: BlockWeights, t: BlockTrace, R: torch.Tensor, *,
@@ -103,19 +108,23 @@ def block_rule(bb: Backbone, w: BlockWeights, t: BlockTrace, R: torch.Tensor, *,
     R_heads = R_o.view(B, N, w.num_heads, w.head_dim).transpose(1, 2)
     del R_mid, R_a, R_o
     # 3. heads = attn @ v: z-rule to both operands, both halved
-    S = sdiv(R_heads, t.heads)
-    R_attn = t.attn * _mm(bb, S, t.v.transpose(-2, -1).to(bb.mm_dtype)) / 2
+    S = sdiv(R_heads, t.heads).mul_(0.5)
+    R_attn = _mm(bb, S, t.v.transpose(-2, -1)).mul_(t.attn)
     if not to_input:
         return None, R_attn
-    R_v = t.v * _mm(bb, t.attn.transpose(-2, -1), S.to(bb.mm_dtype)) / 2
+    R_qkv = R_attn.new_empty(B, N, 3, w.num_heads, w.head_dim)
+    R_q, R_k, R_v = R_qkv.permute(2, 0, 3, 1, 4)  # views (B, H, N, d) in timm's qkv layout
+    torch.mul(_mm(bb, t.attn.transpose(-2, -1), S), t.v, out=R_v)
     del S, R_heads
     # 4. softmax: identity; scores = q @ k^T (the 1/sqrt(d) scale cancels): halved
-    S = sdiv(R_attn, _mm(bb, t.q, t.k.transpose(-2, -1).to(bb.mm_dtype)))
-    R_q = t.q * _mm(bb, S, t.k.to(bb.mm_dtype)) / 2
-    R_k = t.k * _mm(bb, S.transpose(-2, -1), t.q.to(bb.mm_dtype)) / 2
+    Z = _mm(bb, t.q, t.k.transpose(-2, -1))
+    zero = Z == 0
+    S = torch.div(R_attn, Z.add_(EPS), out=Z).masked_fill_(zero, 0)
+    del zero
+    torch.mul(_mm(bb, S, t.k).mul_(0.5), t.q, out=R_q)
+    torch.mul(_mm(bb, S.transpose(-2, -1), t.q).mul_(0.5), t.k, out=R_k)
     del S
-    R_qkv = torch.stack([R_q, R_k, R_v], dim=2).permute(0, 3, 2, 1, 4).reshape(B, N, -1)
-    del R_q, R_k, R_v
+    R_qkv = R_qkv.view(B, N, -1)
     R_h1 = linear_rule(bb, w.qkv, t.h1, R_qkv, t.qkv, plain=plain)  # q/k norm, norm1: identity
     return fork_rule(t.x, R_x, R_h1), R_attn
 
