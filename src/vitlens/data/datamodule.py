@@ -204,6 +204,8 @@ class ImageDataModule(L.LightningDataModule):
                 raise RuntimeError("ImageDataModule: call setup() before asking for dataloaders")
             raise DataError(f"{self.path} has no {split} split")
         workers = self.num_workers
+        # a fresh order each epoch even when Lightning rebuilds the loaders every epoch
+        epoch = self.trainer.current_epoch if getattr(self, "trainer", None) is not None else 0
         return DataLoader(
             dataset,
             batch_size=self.batch_size if train else self.eval_batch_size,
@@ -212,7 +214,7 @@ class ImageDataModule(L.LightningDataModule):
             num_workers=workers,
             pin_memory=self.hparams.pin_memory,
             persistent_workers=self.hparams.persistent_workers and workers > 0,
-            generator=torch.Generator().manual_seed(self.seed) if train else None,
+            generator=torch.Generator().manual_seed(self.seed + 7919 * epoch) if train else None,
         )
 
     def train_dataloader(self) -> DataLoader:
