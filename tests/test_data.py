@@ -77,6 +77,7 @@ def test_split_image_folders(tmp_path):
     dm.setup("fit")
     assert (len(dm.train_dataset), len(dm.val_dataset), len(dm.test_dataset)) == (9, 6, 3)
     assert dm.train_dataset.class_names == dm.class_names
+    assert "bboxes" not in dm.train_dataset.transform.processors  # no box handling cost without boxes
     batch = next(iter(dm.train_dataloader()))
     assert set(batch) == {"image", "label", "index"}
     assert batch["image"].shape == (2, 3, 16, 16) and batch["image"].dtype == torch.float32

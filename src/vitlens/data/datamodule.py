@@ -168,13 +168,14 @@ class ImageDataModule(L.LightningDataModule):
         common = dict(has_masks=self.has_masks, has_boxes=self.has_boxes)
         self.train_dataset = ImageDataset(train, self.class_names, train_transform(
             self.image_size, self.mean, self.std, crop_scale=hp.crop_scale, crop_ratio=hp.crop_ratio,
-            hflip=hp.hflip, color_jitter=hp.color_jitter, seed=self.seed), **common)
+            hflip=hp.hflip, color_jitter=hp.color_jitter, seed=self.seed, boxes=self.has_boxes), **common)
         self.val_dataset = ImageDataset(val, self.class_names, self.eval_transform(), **common)
         self.test_dataset = ImageDataset(test, self.class_names, self.eval_transform(), **common) if test else None
 
     def eval_transform(self):
         """The eval pipeline of this data module (for reading other images the same way)."""
-        return eval_transform(self.image_size, self.mean, self.std, self.hparams.eval_resize, self.hparams.crop_pct)
+        return eval_transform(self.image_size, self.mean, self.std, self.hparams.eval_resize, self.hparams.crop_pct,
+                              boxes=self.has_boxes)
 
     def _drop_corrupt(self, samples: list[Sample], split: str) -> list[Sample]:
         """Decode every image (threads, progress bar); drop unreadable ones with one warning."""

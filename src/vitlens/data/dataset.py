@@ -91,14 +91,21 @@ class ImageDataset(Dataset):
         has_box = box is not None
         if self.transform is not None:
             self._reseed()
-            data = {"image": image, "bboxes": box if has_box else np.zeros((0, 4), np.float32), "box_ids": [0] if has_box else []}
+            data = {"image": image}
             if mask is not None:
                 data["mask"] = mask
+            takes_boxes = "bboxes" in getattr(self.transform, "processors", {})
+            if takes_boxes:
+                data["bboxes"] = box if has_box else np.zeros((0, 4), np.float32)
+                data["box_ids"] = [0] if has_box else []
+            elif has_box and self.has_boxes:
+                raise DataError("ImageDataset has boxes but its transform was built without box handling (boxes=False)")
             out = self.transform(**data)
             image, mask = out["image"], out.get("mask")
-            boxes = np.asarray(out["bboxes"], dtype=np.float32).reshape(-1, 4)
-            has_box = len(boxes) > 0  # cropped away entirely: no box
-            box = boxes[:1] if has_box else None
+            if takes_boxes:
+                boxes = np.asarray(out["bboxes"], dtype=np.float32).reshape(-1, 4)
+                has_box = len(boxes) > 0  # cropped away entirely: no box
+                box = boxes[:1] if has_box else None
         else:
             image = image.astype(np.float32) / 255.0
         item = {

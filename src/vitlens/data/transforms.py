@@ -20,7 +20,11 @@ __all__ = ["EVAL_RESIZE_MODES", "eval_transform", "train_transform"]
 EVAL_RESIZE_MODES = ("center_crop", "resize")
 
 
-def _bbox_params() -> A.BboxParams:
+def _bbox_params(boxes: bool) -> A.BboxParams | None:
+    # (check_each_transform=False would be 1.5x faster, but then a box cropped away entirely
+    # reaches the final check with zero width and albumentations raises instead of dropping it)
+    if not boxes:
+        return None
     return A.BboxParams(format="pascal_voc", label_fields=["box_ids"], clip=True, min_area=0.0, min_visibility=0.0)
 
 
@@ -41,9 +45,11 @@ def train_transform(
     hflip: float = 0.5,
     color_jitter: float = 0.4,
     seed: int | None = None,
+    boxes: bool = True,
 ) -> A.Compose:
     """Random resized crop, horizontal flip, colour jitter (brightness, contrast and
-    saturation by +-`color_jitter`, hue untouched, as timm), normalisation."""
+    saturation by +-`color_jitter`, hue untouched, as timm), normalisation. `boxes=False`
+    leaves out box handling (about half the cost per sample at 64 px)."""
     _check(image_size, mean, std)
     steps: list = [A.RandomResizedCrop(size=(image_size, image_size), scale=tuple(crop_scale), ratio=tuple(crop_ratio))]
     if hflip > 0:
@@ -51,7 +57,7 @@ def train_transform(
     if color_jitter > 0:
         steps.append(A.ColorJitter(brightness=color_jitter, contrast=color_jitter, saturation=color_jitter, hue=0.0, p=1.0))
     steps.append(A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=255.0))
-    return A.Compose(steps, bbox_params=_bbox_params(), seed=seed)
+    return A.Compose(steps, bbox_params=_bbox_params(boxes), seed=seed)
 
 
 def eval_transform(
@@ -60,6 +66,8 @@ def eval_transform(
     std: Sequence[float],
     eval_resize: str = "center_crop",
     crop_pct: float = 0.875,
+    *,
+    boxes: bool = True,
 ) -> A.Compose:
     """Deterministic eval pipeline.
 
@@ -78,4 +86,4 @@ def eval_transform(
     else:
         raise ValueError(f"eval_resize must be one of {EVAL_RESIZE_MODES}, got {eval_resize!r}")
     steps.append(A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=255.0))
-    return A.Compose(steps, bbox_params=_bbox_params(), seed=0)
+    return A.Compose(steps, bbox_params=_bbox_params(boxes), seed=0)
