@@ -1,0 +1,141 @@
+"""train.py: the LightningCLI end to end (real subprocesses, real W&B offline runs, real files)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import TINY_CLASSES
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN = REPO / "train.py"
+sys.path.insert(0, str(REPO))
+import train  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
+
+SHIPPED = ["configs/toybirds.yaml", "configs/cub200_mae_vitb16.yaml", "configs/imagefolder_vit_small.yaml"]
+
+
+def _tiny_config(tmp_path: Path, dataset: Path) -> Path:
+    config = {
+        "trainer": {"accelerator": "cpu", "max_epochs": 2, "log_every_n_steps": 1},
+        "model": {"backbone": "vit_tiny_patch16_224",
+                  "backbone_kwargs": {"patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2},
+                  "lr": 3e-3, "warmup_epochs": 0.5},
+        "data": {"path": str(dataset), "generate": None, "generate_options": None, "image_size": 32,
+                 "batch_size": 8, "num_workers": 0, "persistent_workers": False},
+    }
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _run(args: list[str], cwd: Path, expect_ok: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "NO_ALBUMENTATIONS_UPDATE": "1",
+           "COLUMNS": "200"}
+    proc = subprocess.run([sys.executable, str(TRAIN), *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=600)
+    if expect_ok and proc.returncode != 0:
+        raise AssertionError(f"train.py {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def test_default_config_is_added_only_without_one():
+    default = str(train.DEFAULT_CONFIG)
+    assert train.with_default_config(["fit"]) == ["fit", "--config", default]
+    assert train.with_default_config(["fit", "--trainer.max_steps", "3"]) == ["fit", "--config", default, "--trainer.max_steps", "3"]
+    assert train.with_default_config(["test", "-c", "x.yaml"]) == ["test", "-c", "x.yaml"]
+    assert train.with_default_config(["fit", "--config=x.yaml"]) == ["fit", "--config=x.yaml"]
+    assert train.with_default_config(["--help"]) == ["--help"]
+
+
+def _print_config(capsys, args: list[str]) -> dict:
+    with pytest.raises(SystemExit) as done:
+        train.main([*args, "--print_config"])
+    assert done.value.code in (0, None)
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+def test_print_config_defaults_to_toybirds_and_links_backbone(capsys):
+    config = _print_config(capsys, ["fit"])
+    assert config["data"]["path"] == "data/toybirds" and config["data"]["generate"] == "toybirds"
+    assert config["model"]["backbone"] == "vit_tiny_patch16_224"
+    assert config["seed_everything"] == 0
+    assert config["trainer"]["logger"]["init_args"]["offline"] is True
+    assert config["trainer"]["callbacks"] == []  # a plain list others append to
+    assert config["checkpoint"]["monitor"] == "val/acc" and config["checkpoint"]["save_last"] is True
+    assert "backbone" not in config["data"]  # linked from model.backbone
+    config = _print_config(capsys, ["fit", "--model.backbone", "deit_small_patch16_224", "--model.lr", "0.01"])
+    assert config["model"]["backbone"] == "deit_small_patch16_224" and config["model"]["lr"] == 0.01
+
+
+@pytest.mark.parametrize("path", SHIPPED)
+def test_shipped_configs_parse(capsys, path):
+    config = _print_config(capsys, ["fit", "-c", str(REPO / path)])
+    assert config["model"]["backbone"].startswith(("vit_", "deit"))
+
+
+def test_cub_config_is_the_mae_recipe(capsys):
+    config = _print_config(capsys, ["fit", "-c", str(REPO / "configs/cub200_mae_vitb16.yaml")])
+    model, data, trainer = config["model"], config["data"], config["trainer"]
+    assert model["backbone"] == "vit_base_patch16_224.mae" and data["image_size"] == 224
+    assert model["layer_decay"] == 0.65 and model["weight_decay"] == 0.05
+    assert model["backbone_kwargs"] == {"drop_path_rate": 0.1, "global_pool": "avg"}
+    assert (model["mixup_alpha"], model["cutmix_alpha"], model["label_smoothing"]) == (0.8, 1.0, 0.1)
+    assert model["warmup_epochs"] == 5 and trainer["precision"] == "bf16-mixed"
+    effective_batch = data["batch_size"] * trainer["accumulate_grad_batches"]
+    assert model["lr"] == pytest.approx(5e-4 * effective_batch / 256)
+
+
+def test_ddp_trainer_config_composes(capsys):
+    config = _print_config(capsys, ["fit", "-c", str(REPO / "configs/toybirds.yaml"), "-c", str(REPO / "configs/trainer/ddp.yaml")])
+    assert config["trainer"]["strategy"] == "ddp" and config["trainer"]["sync_batchnorm"] is False
+    assert config["data"]["path"] == "data/toybirds"  # the rest of the job is unchanged
+
+
+def test_fit_validate_and_class_mismatch_via_subprocess(tiny_dataset_dir, tmp_path):
+    from vitlens.callbacks.wandb_offline import read_history
+    from vitlens.models import load_classifier
+
+    tiny = _tiny_config(tmp_path, tiny_dataset_dir)
+    _run(["fit", "-c", str(REPO / "configs/toybirds.yaml"), "-c", str(tiny), "--trainer.max_steps", "8"], cwd=tmp_path)
+
+    runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1  # W&B offline, under ./wandb
+    run_id = runs[0].name.rsplit("-", 1)[-1]
+    folder = tmp_path / "checkpoints" / run_id
+    best = sorted(folder.glob("best-*.ckpt"))
+    assert len(best) == 1 and (folder / "last.ckpt").is_file() and (folder / "config.yaml").is_file()
+    saved = yaml.safe_load((folder / "config.yaml").read_text())
+    assert saved["trainer"]["max_steps"] == 8 and saved["data"]["path"] == str(tiny_dataset_dir)
+
+    history = read_history(runs[0])
+    logged = {key for row in history for key in row}
+    for key in ("train/loss", "val/acc", "val/acc_top5", "val/loss", f"val/acc_class/{TINY_CLASSES[0]}",
+                "val/confusion_matrix", "lr-AdamW/pg1"):
+        assert any(k.startswith(key) for k in logged), (key, sorted(logged))
+    val_acc = [row["val/acc"] for row in history if "val/acc" in row]
+    assert len(val_acc) == 2 and all(0.0 <= v <= 1.0 for v in val_acc)
+
+    model = load_classifier(folder / "last.ckpt")
+    assert model.class_names == TINY_CLASSES and model.hparams["img_size"] == 32
+    assert torch.load(folder / "last.ckpt", map_location="cpu", weights_only=False)["global_step"] == 8  # 2 epochs of 4 batches
+
+    proc = _run(["validate", "-c", str(tiny), "--ckpt_path", str(best[0]), "--trainer.logger", "false"], cwd=tmp_path)
+    assert "val/acc" in proc.stdout
+
+    checkpoint = torch.load(best[0], map_location="cpu", weights_only=False)
+    checkpoint["hyper_parameters"]["class_names"] = [*TINY_CLASSES[:3], "robin"]
+    other = tmp_path / "other_classes.ckpt"
+    torch.save(checkpoint, other)
+    proc = _run(["test", "-c", str(tiny), "--ckpt_path", str(other), "--trainer.logger", "false"], cwd=tmp_path,
+                expect_ok=False)
+    assert proc.returncode != 0
+    assert f"only in checkpoint: ['robin']; only in dataset: [{TINY_CLASSES[3]!r}]" in proc.stderr
+    assert "other_classes.ckpt" in proc.stderr
