@@ -164,3 +164,25 @@ def test_two_processes_generate_while_a_reader_never_sees_half_a_set(tmp_path):
         w.join()
         assert w.exitcode == 0
     assert [p.name for p in tmp_path.iterdir()] == ["tb"]
+
+
+def test_bird_size_and_clutter_options(tmp_path):
+    big = generate_toybirds(tmp_path / "big", **SMALL, bird_size=(0.85, 0.9), distractors=(0, 0)).parent
+    for r in _rows(big):
+        assert max(int(r["w"]), int(r["h"])) >= 0.6 * 32  # default sizes give 0.35-0.85
+        image = np.asarray(Image.open(big / r["path"])).astype(int)
+        bird = np.asarray(Image.open(big / r["mask"])) > 0
+        padded = np.pad(bird, 2)
+        near_bird = np.zeros_like(bird)
+        for dy in range(5):
+            for dx in range(5):
+                near_bird |= padded[dy:dy + 32, dx:dx + 32]
+        # no clutter: 2 px away from the bird (anti-aliased edges), each row is one gradient colour
+        for y in range(32):
+            background = image[y][~near_bird[y]]
+            assert len(background) == 0 or np.ptp(background, axis=0).max() <= 1
+    assert read_toybirds_options(big)["distractors"] == [0, 0]
+    with pytest.raises(ValueError, match="bird_size"):
+        generate_toybirds(tmp_path / "bad", **SMALL, bird_size=(0.9, 0.5))
+    with pytest.raises(ValueError, match="distractors"):
+        generate_toybirds(tmp_path / "bad", **SMALL, distractors=(4, 2))

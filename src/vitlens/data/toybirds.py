@@ -194,9 +194,9 @@ def _background(rng: np.random.Generator, size: int) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(np.broadcast_to(rows, (size, size, 3))))
 
 
-def _distractors(draw: ImageDraw.ImageDraw, rng: np.random.Generator, size: int) -> None:
+def _distractors(draw: ImageDraw.ImageDraw, rng: np.random.Generator, size: int, count: tuple[int, int]) -> None:
     colours = list(PALETTE.values())
-    for _ in range(int(rng.integers(3, 8))):
+    for _ in range(int(rng.integers(count[0], count[1] + 1))):
         colour = colours[int(rng.integers(len(colours)))] if rng.random() < 0.7 else tuple(int(v) for v in rng.integers(60, 220, 3))
         kind = int(rng.integers(4))
         cx, cy = rng.uniform(0, size, 2)
@@ -235,15 +235,21 @@ def render_bird(
     *,
     supersample: int = 2,
     shortcut_label: int | None = None,
+    bird_size: tuple[float, float] = (0.45, 0.75),
+    distractors: tuple[int, int] = (3, 7),
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Draw one bird: (image HxWx3 uint8, bird mask HxW bool, parts mask HxW bool)."""
+    """Draw one bird: (image HxWx3 uint8, bird mask HxW bool, parts mask HxW bool).
+
+    `bird_size`: range of the bird's length as a fraction of the image side;
+    `distractors`: inclusive range of the number of clutter shapes behind it.
+    """
     size = image_size * supersample
     image = _background(rng, size)
     draw = ImageDraw.Draw(image)
-    _distractors(draw, rng, size)
+    _distractors(draw, rng, size, distractors)
 
-    # pose: facing, tilt, length 40-70% of the image, anywhere that keeps the bird inside
-    length = rng.uniform(0.45, 0.75) * size
+    # pose: facing, tilt, length a bird_size fraction of the image, anywhere that keeps it inside
+    length = rng.uniform(*bird_size) * size
     scale = length / 1.35
     angle = np.deg2rad(rng.uniform(-25, 25))
     flip = -1.0 if rng.random() < 0.5 else 1.0
@@ -261,7 +267,7 @@ def render_bird(
     bird = Image.new("L", (size, size), 0)
     parts = Image.new("L", (size, size), 0)
     dbird, dparts = ImageDraw.Draw(bird), ImageDraw.Draw(parts)
-    leg_width = max(1, int(scale * 0.035))
+    leg_width = max(supersample, int(scale * 0.035))  # at least one output pixel: legs stay in the mask
     for leg in LEGS:
         ends = [tuple(q) for q in _affine(leg, matrix).tolist()]
         draw.line(ends, fill=BEAK_COLOUR, width=leg_width)
@@ -301,6 +307,8 @@ def toybirds_options(
     test_per_class: int = 60,
     shortcut: bool = False,
     seed: int = 0,
+    bird_size: tuple[float, float] = (0.45, 0.75),
+    distractors: tuple[int, int] = (3, 7),
 ) -> dict:
     """The full, validated option dict of a toy-bird set (as stored in toybirds.json)."""
     toybird_species(num_species)  # validates num_species
@@ -309,6 +317,12 @@ def toybirds_options(
     for key, n in (("train_per_class", train_per_class), ("val_per_class", val_per_class), ("test_per_class", test_per_class)):
         if n < 0:
             raise ValueError(f"toy birds: {key} must be >= 0, got {n}")
+    low, high = (float(v) for v in bird_size)
+    if not 0.1 <= low <= high <= 0.95:
+        raise ValueError(f"toy birds: bird_size must be a range within [0.1, 0.95], got {list(bird_size)}")
+    fewest, most = (int(v) for v in distractors)
+    if not 0 <= fewest <= most:
+        raise ValueError(f"toy birds: distractors must be a range of counts (min <= max), got {list(distractors)}")
     return {
         "num_species": int(num_species),
         "image_size": int(image_size),
@@ -317,6 +331,8 @@ def toybirds_options(
         "test_per_class": int(test_per_class),
         "shortcut": bool(shortcut),
         "seed": int(seed),
+        "bird_size": [low, high],
+        "distractors": [fewest, most],
     }
 
 
@@ -334,6 +350,8 @@ def generate_toybirds(
     test_per_class: int = 60,
     shortcut: bool = False,
     seed: int = 0,
+    bird_size: tuple[float, float] = (0.45, 0.75),
+    distractors: tuple[int, int] = (3, 7),
     overwrite: bool = False,
     progress: bool = False,
 ) -> Path:
@@ -347,11 +365,14 @@ def generate_toybirds(
     options = toybirds_options(
         num_species=num_species, image_size=image_size, train_per_class=train_per_class,
         val_per_class=val_per_class, test_per_class=test_per_class, shortcut=shortcut, seed=seed,
+        bird_size=bird_size, distractors=distractors,
     )
     out = Path(out)
     manifest = out / "manifest.csv"
     if manifest.exists() and not overwrite:
         existing = read_toybirds_options(out)
+        if existing is not None:
+            existing = toybirds_options(**existing)  # fills options added since it was written
         if existing != options:
             raise ValueError(
                 f"{out} already holds toy birds generated with {existing}, not {options}: "
@@ -410,7 +431,8 @@ def _write(root: Path, options: dict, *, progress: bool) -> None:
             mark = label if (options["shortcut"] and split == "train") else None
             for i in range(counts[split]):
                 rng = np.random.default_rng([options["seed"], split_id, label, i])
-                image, bird, parts = render_bird(sp, rng, size, shortcut_label=mark)
+                image, bird, parts = render_bird(sp, rng, size, shortcut_label=mark,
+                                                 bird_size=options["bird_size"], distractors=options["distractors"])
                 rel = f"{split}/{sp.name}/{i:05d}.png"
                 _save_png(image, root / "images" / rel)
                 _save_png(bird.astype(np.uint8) * 255, root / "masks" / rel)
@@ -440,6 +462,8 @@ def preview_grid(
     zoom: int = 2,
     shortcut: bool = False,
     seed: int = 0,
+    bird_size: tuple[float, float] = (0.45, 0.75),
+    distractors: tuple[int, int] = (3, 7),
 ) -> Path:
     """Write a PNG grid, one row per species, of freshly drawn birds (for the README)."""
     species = toybird_species(num_species)
@@ -449,7 +473,8 @@ def preview_grid(
     for label, sp in enumerate(species):
         for i in range(per_species):
             rng = np.random.default_rng([seed, 9, label, i])
-            image, _, _ = render_bird(sp, rng, image_size, shortcut_label=label if shortcut else None)
+            image, _, _ = render_bird(sp, rng, image_size, shortcut_label=label if shortcut else None,
+                                      bird_size=bird_size, distractors=distractors)
             tile = Image.fromarray(image).resize((cell, cell), Image.NEAREST)
             grid.paste(tile, (gap + i * (cell + gap), gap + label * (cell + gap)))
     path = Path(path)
@@ -468,17 +493,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--test-per-class", type=int, default=60)
     parser.add_argument("--shortcut", action="store_true", help="plant a class-coloured corner mark in train images")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--bird-size", type=float, nargs=2, default=(0.45, 0.75), metavar=("MIN", "MAX"),
+                        help="bird length as a fraction of the image side")
+    parser.add_argument("--distractors", type=int, nargs=2, default=(3, 7), metavar=("MIN", "MAX"),
+                        help="number of clutter shapes per image")
     parser.add_argument("--overwrite", action="store_true")
     parser.add_argument("--preview", metavar="PNG", help="also write a preview grid to this file")
     args = parser.parse_args(argv)
     manifest = generate_toybirds(
         args.out, args.num_species, image_size=args.image_size, train_per_class=args.train_per_class,
         val_per_class=args.val_per_class, test_per_class=args.test_per_class, shortcut=args.shortcut,
-        seed=args.seed, overwrite=args.overwrite, progress=True,
+        seed=args.seed, bird_size=tuple(args.bird_size), distractors=tuple(args.distractors),
+        overwrite=args.overwrite, progress=True,
     )
     print(f"toy birds: {manifest}")
     if args.preview:
-        print(f"preview: {preview_grid(args.preview, args.num_species, image_size=args.image_size, shortcut=args.shortcut, seed=args.seed)}")
+        grid = preview_grid(args.preview, args.num_species, image_size=args.image_size, shortcut=args.shortcut, seed=args.seed,
+                            bird_size=tuple(args.bird_size), distractors=tuple(args.distractors))
+        print(f"preview: {grid}")
 
 
 if __name__ == "__main__":
