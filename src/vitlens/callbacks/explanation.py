@@ -212,16 +212,17 @@ class ExplanationCallback(Callback):
     def _select(self, trainer: Trainer, pl_module: LightningModule, dataset) -> None:
         size = len(dataset)
         names = dataset_class_names(dataset, trainer.datamodule, pl_module)
+        count = max(self.num_samples, self.perturbation_samples)
         if self.sample_indices is not None:  # restored from a checkpoint
-            if self._dataset_size == size and (self.class_names is None or names is None or self.class_names == names):
+            same_data = self._dataset_size == size and (self.class_names is None or names is None or self.class_names == names)
+            if same_data and len(self.sample_indices) >= min(count, size):
                 return
             warnings.warn(
-                f"ExplanationCallback: the validation set changed since the checkpoint (size {self._dataset_size} -> {size}"
-                f" or class names differ); picking a new probe set",
+                "ExplanationCallback: picking a new probe set; the checkpoint's does not fit "
+                + ("this validation set (its size or class names differ)" if not same_data else f"{count} samples"),
                 RuntimeWarning,
                 stacklevel=2,
             )
-        count = max(self.num_samples, self.perturbation_samples)
         self.sample_indices = stratified_order(dataset_labels(dataset), count, seed=self.seed)
         self.class_names = names
         self._dataset_size = size
@@ -313,16 +314,17 @@ class ExplanationCallback(Callback):
                     tiles = overlay(images01[shown_wrong], heatmap(predicted_maps[method][probe][shown_wrong], size))
                     out["overlay_predicted"][method] = dict(zip(shown_wrong.nonzero().flatten().tolist(), tiles))
             if perturbed.any():
-                result = perturbation_auc(
-                    pl_module,
-                    images[perturbed],
-                    predicted_maps[method][perturbed],
-                    labels[perturbed],
-                    mean=mean,
-                    std=std,
-                    targets=predictions[perturbed],
-                    batch_size=self.perturbation_batch_size,
-                )
+                with trainer.precision_plugin.forward_context():  # the trainer's autocast (bf16-mixed...), as in validation
+                    result = perturbation_auc(
+                        pl_module,
+                        images[perturbed],
+                        predicted_maps[method][perturbed],
+                        labels[perturbed],
+                        mean=mean,
+                        std=std,
+                        targets=predictions[perturbed],
+                        batch_size=self.perturbation_batch_size,
+                    )
                 out["perturbation"][method] = (int(perturbed.sum()), result.as_dict())
             if objects is not None:
                 maps = heatmap(predicted_maps[method], size)
