@@ -119,17 +119,14 @@ class Backbone:
     head: Linear
     head_dist: Linear | None
 
-    # ---- matmuls in the matmul dtype, results in the compute dtype --------------------------
+    # The forward pass runs in the compute dtype: the z-rule denominators are built from its
+    # records, and low-precision records make them ill-conditioned (bf16 records put maps of a
+    # random ViT off by ~100%). ``mm_dtype`` only applies to the relevance rules' matmuls.
     def linear(self, x: torch.Tensor, layer: Linear) -> torch.Tensor:
-        if self.mm_dtype == self.dtype:
-            return F.linear(x, layer.weight, layer.bias)
-        out = F.linear(x.to(self.mm_dtype), layer.mm_weight).to(self.dtype)
-        return out if layer.bias is None else out + layer.bias
+        return F.linear(x, layer.weight, layer.bias)
 
     def mm(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        if self.mm_dtype == self.dtype:
-            return a @ b
-        return (a.to(self.mm_dtype) @ b.to(self.mm_dtype)).to(self.dtype)
+        return a @ b
 
 
 def _norm(module: nn.Module, where: str, dtype) -> Norm | None:
@@ -400,11 +397,7 @@ def block_forward(bb: Backbone, w: BlockWeights, x: torch.Tensor, *, keep_attn: 
         heads = bb.mm(attn, v)
         t.attn = attn
     else:
-        if bb.mm_dtype != bb.dtype:
-            heads = F.scaled_dot_product_attention(
-                q.to(bb.mm_dtype), k.to(bb.mm_dtype), v.to(bb.mm_dtype)).to(bb.dtype)
-        else:
-            heads = F.scaled_dot_product_attention(q, k, v)
+        heads = F.scaled_dot_product_attention(q, k, v)
     o = layer_norm(heads.transpose(1, 2).reshape(B, N, -1), w.attn_norm)
     proj = bb.linear(o, w.proj)
     a = proj if w.ls1 is None else proj * w.ls1

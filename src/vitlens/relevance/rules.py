@@ -46,6 +46,12 @@ def linear_rule(bb: Backbone, layer: Linear, x: torch.Tensor, R: torch.Tensor,
         S2 = sdiv(R, _mm(bb, xn, Wn.T))
         return xp * _mm(bb, S1, Wp) + xn * _mm(bb, S2, Wn)
     xabs = x.abs()
+    if bb.mm_dtype != bb.dtype:
+        # low-precision matmuls: x W^T cancels, so build 2 Z from non-negative terms only
+        den = _mm(bb, torch.cat([xabs + x, xabs - x], dim=-1),
+                  torch.cat([Wabs + W, Wabs - W], dim=-1).T).mul_(0.5).add_(2 * EPS)
+        S = torch.div(R, den, out=den)
+        return _mm(bb, S, W).mul_(x).addcmul_(xabs, _mm(bb, S, Wabs))
     if out is None:
         den = _mm(bb, x, W.T).add_(2 * EPS)
     elif layer.bias is None:
@@ -108,7 +114,9 @@ def block_rule(bb: Backbone, w: BlockWeights, t: BlockTrace, R: torch.Tensor, *,
     R_heads = R_o.view(B, N, w.num_heads, w.head_dim).transpose(1, 2)
     del R_mid, R_a, R_o
     # 3. heads = attn @ v: z-rule to both operands, both halved
-    S = sdiv(R_heads, t.heads).mul_(0.5)
+    # z-rule denominators that can cancel are recomputed in the compute dtype
+    heads = t.heads if bb.mm_dtype == bb.dtype else t.attn @ t.v
+    S = sdiv(R_heads, heads).mul_(0.5)
     R_attn = _mm(bb, S, t.v.transpose(-2, -1)).mul_(t.attn)
     if not to_input:
         return None, R_attn
@@ -117,7 +125,7 @@ def block_rule(bb: Backbone, w: BlockWeights, t: BlockTrace, R: torch.Tensor, *,
     torch.mul(_mm(bb, t.attn.transpose(-2, -1), S), t.v, out=R_v)
     del S, R_heads
     # 4. softmax: identity; scores = q @ k^T (the 1/sqrt(d) scale cancels): halved
-    Z = _mm(bb, t.q, t.k.transpose(-2, -1))
+    Z = t.q @ t.k.transpose(-2, -1)
     zero = Z == 0
     S = torch.div(R_attn, Z.add_(EPS), out=Z).masked_fill_(zero, 0)
     del zero
