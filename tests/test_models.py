@@ -127,6 +127,17 @@ def test_mismatched_keys_error_lists_them(tmp_path):
     assert "blocks.0.norm1.weight (64,) vs model (32,)" in message
 
 
+def test_initial_weights_are_loaded_when_fitting_starts(tiny_dataset_dir, tmp_path):
+    source = _tiny(num_classes=10)
+    torch.save(source.state_dict(), tmp_path / "w.pth")
+    model = ViTClassifier(class_names=TINY_CLASSES, weights=str(tmp_path / "w.pth"), lr=0.0, **TINY_MODEL)
+    assert not _same_trunk(source, model.model)  # nothing read at construction
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False, limit_val_batches=0)
+    trainer.fit(model, datamodule=tiny_datamodule(tiny_dataset_dir))
+    assert _same_trunk(source, model.model)  # lr 0: exactly the file's weights
+
+
 def test_unreadable_and_missing_weight_files(tmp_path):
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="cannot read weights file .*junk.pth"):

@@ -139,3 +139,17 @@ def test_fit_validate_and_class_mismatch_via_subprocess(tiny_dataset_dir, tmp_pa
     assert proc.returncode != 0
     assert f"only in checkpoint: ['robin']; only in dataset: [{TINY_CLASSES[3]!r}]" in proc.stderr
     assert "other_classes.ckpt" in proc.stderr
+
+
+@pytest.mark.slow
+def test_ddp_fit_two_cpu_processes(tiny_dataset_dir, tmp_path):
+    """configs/trainer/ddp.yaml for real: 2 processes, gloo; one W&B run, one checkpoint folder."""
+    tiny = _tiny_config(tmp_path, tiny_dataset_dir)
+    _run(["fit", "-c", str(REPO / "configs/toybirds.yaml"), "-c", str(tiny), "-c", str(REPO / "configs/trainer/ddp.yaml"),
+          "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.max_steps", "4"], cwd=tmp_path)
+    runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1  # only global rank 0 logs
+    folders = list((tmp_path / "checkpoints").iterdir())
+    assert len(folders) == 1 and folders[0].name == runs[0].name.rsplit("-", 1)[-1]
+    checkpoint = torch.load(folders[0] / "last.ckpt", map_location="cpu", weights_only=False)
+    assert checkpoint["global_step"] == 4  # 32 train images / (8 per process x 2) = 2 steps per epoch

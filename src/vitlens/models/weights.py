@@ -176,15 +176,12 @@ def load_backbone_weights(
             raise ValueError('weights="timm" needs the backbone name')
         import timm
 
-        from vitlens.models.backbone import _architecture
-
         source = f"timm hub weights of {backbone}"
         try:
-            pretrained = timm.create_model(backbone, pretrained=True)
+            obj = timm.create_model(backbone, pretrained=True).state_dict()
         except Exception as exc:
-            raise RuntimeError(f"cannot download {source} (offline? use a local weights file): {exc}") from exc
-        obj = pretrained.state_dict()
-        del pretrained, _architecture
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise RuntimeError(f"cannot download {source} (offline? give a local weights file instead): {reason}") from exc
     else:
         obj, source = read_checkpoint_file(weights), str(weights)
 
