@@ -110,6 +110,15 @@ class ImageDataModule(L.LightningDataModule):
             raise ValueError(f"mean and std need 3 values each (RGB), got mean={self.mean}, std={self.std}")
         self.generate = generate
         self.generate_options = dict(generate_options or {})
+        if generate == "toybirds":
+            import inspect
+
+            from vitlens.data.toybirds import toybirds_options
+
+            known = inspect.signature(toybirds_options).parameters
+            unknown = sorted(set(self.generate_options) - set(known))
+            if unknown:
+                raise ValueError(f"generate_options: unknown key(s) {', '.join(unknown)} for toybirds (known: {', '.join(known)})")
 
         self._info = None
         if generate == "toybirds" and not (Path(self.path) / "manifest.csv").exists():
