@@ -266,3 +266,12 @@ def test_without_a_logger_pngs_go_under_the_root_dir(tiny_dataset_dir, tmp_path)
     assert {p.name for p in (tmp_path / "explain" / "epoch=001").iterdir()} == {
         "transformer_attribution.png", "grad_rollout.png", "perturbation_curves.png"
     }
+
+
+def test_offline_run_reader_names_a_file_that_is_not_a_run(tmp_path):
+    bad = tmp_path / "run-x.wandb"
+    bad.write_bytes(b"definitely not a run file")
+    with pytest.raises(ValueError, match="run-x.wandb"):
+        read_history(bad)
+    with pytest.raises(FileNotFoundError, match="found 0"):
+        read_history(tmp_path / "nothing")
