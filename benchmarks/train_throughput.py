@@ -5,7 +5,7 @@ same layer-decay groups), lr schedule, loss, precision and batch size. The first
 `--warmup` steps of each run are not timed. Runs alternate (plain, lightning, plain, ...)
 `--repeats` times so a shared CPU's load hits both alike; the table shows the median.
 
-    python benchmarks/train_throughput.py                       # default toy-birds model, CPU
+    python benchmarks/train_throughput.py                       # the default job's model, CPU
     python benchmarks/train_throughput.py --steps 60 --batch-size 64 --repeats 3
 """
 from __future__ import annotations
@@ -14,20 +14,28 @@ import argparse
 import os
 import statistics
 import time
+from pathlib import Path
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import lightning as L
 import torch
 import torch.nn.functional as F
+import yaml
 from torch.utils.data import DataLoader, Dataset
 
 from vitlens.models import ViTClassifier
 from vitlens.models.optim import param_groups_layer_decay, warmup_cosine
 
-# the default job's model (configs/toybirds.yaml)
-DEFAULT_MODEL = dict(backbone="vit_tiny_patch16_224", img_size=64,
-                     backbone_kwargs=dict(patch_size=8, embed_dim=128, depth=4, num_heads=4))
+REPO = Path(__file__).resolve().parents[1]
+
+
+def job_model(config: Path) -> dict:
+    """The model section of a train.py config (default: the default job's)."""
+    model = yaml.safe_load(config.read_text())["model"]
+    data = yaml.safe_load(config.read_text())["data"]
+    return dict(backbone=model["backbone"], img_size=data["image_size"],
+                backbone_kwargs=dict(model.get("backbone_kwargs") or {}))
 
 
 class TensorDataset(Dataset):
@@ -45,20 +53,20 @@ class TensorDataset(Dataset):
         return {"image": self.images[i], "label": self.labels[i], "index": torch.tensor(i)}
 
 
-def make_model(num_classes: int, seed: int) -> ViTClassifier:
-    torch.manual_seed(seed)
-    return ViTClassifier(class_names=[f"c{i}" for i in range(num_classes)], lr=1e-3, weight_decay=0.05,
-                         layer_decay=0.75, warmup_epochs=0.1, label_smoothing=0.1, **DEFAULT_MODEL)
+def make_model(args) -> ViTClassifier:
+    torch.manual_seed(args.seed)
+    return ViTClassifier(class_names=[f"c{i}" for i in range(args.num_classes)], lr=1e-3, weight_decay=0.05,
+                         layer_decay=0.75, warmup_epochs=0.1, label_smoothing=0.1, **args.model)
 
 
 def loader(args) -> DataLoader:
-    data = TensorDataset(args.batch_size * args.steps, args.num_classes, DEFAULT_MODEL["img_size"])
+    data = TensorDataset(args.batch_size * args.steps, args.num_classes, args.model["img_size"])
     return DataLoader(data, batch_size=args.batch_size, shuffle=True, num_workers=0, drop_last=True)
 
 
 def plain_loop(args) -> float:
     """images/s of a hand-written loop doing the same work."""
-    module = make_model(args.num_classes, args.seed)
+    module = make_model(args)
     model = module.model.train()
     groups = param_groups_layer_decay(model, lr=1e-3, weight_decay=0.05, layer_decay=0.75)
     optimizer = torch.optim.AdamW(groups, lr=1e-3)
@@ -97,7 +105,7 @@ def lightning_loop(args, root: str) -> float:
     from lightning.pytorch.callbacks import LearningRateMonitor, RichProgressBar
     from lightning.pytorch.loggers import CSVLogger
 
-    module = make_model(args.num_classes, args.seed)
+    module = make_model(args)
     timer = _Timer(args.warmup)
     trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=1, precision=args.precision,
                         logger=CSVLogger(root), enable_checkpointing=False, enable_model_summary=False,
@@ -116,7 +124,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--precision", default="32-true", choices=["32-true", "bf16-mixed"])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--config", type=Path, default=REPO / "configs" / "toybirds.yaml",
+                        help="train.py config whose model is measured")
     args = parser.parse_args()
+    args.model = job_model(args.config)
     import tempfile
 
     results: dict[str, list[float]] = {"plain PyTorch loop": [], "vitlens (Lightning)": []}
@@ -127,7 +138,7 @@ def main() -> None:
             print(f"repeat {r + 1}/{args.repeats}: plain {results['plain PyTorch loop'][-1]:.1f} img/s, "
                   f"lightning {results['vitlens (Lightning)'][-1]:.1f} img/s", flush=True)
     base = statistics.median(results["plain PyTorch loop"])
-    print(f"\nmodel {DEFAULT_MODEL['backbone']} {DEFAULT_MODEL['backbone_kwargs']} at {DEFAULT_MODEL['img_size']} px, "
+    print(f"\nmodel {args.model['backbone']} {args.model['backbone_kwargs']} at {args.model['img_size']} px, "
           f"batch {args.batch_size}, {args.precision}, {args.steps} steps ({args.warmup} untimed), "
           f"{torch.get_num_threads()} threads, median of {args.repeats}")
     print(f"{'loop':<22} {'images/s (median)':>18} {'all runs':>28} {'vs plain':>9}")
