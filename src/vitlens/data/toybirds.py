@@ -4,9 +4,9 @@ Each species is a distinct combination of five part attributes: body colour, bea
 wing colour, wing pattern and tail shape. Any two of the default 8 species differ in at
 least 4 of the 5 attributes, and in at least one colour, so a small ViT learns them from
 scratch in minutes; no single attribute gives the species away. Birds are drawn at a random
-position, size (bird 45-75% of the image width), tilt and facing, on a cluttered background
-whose distractor shapes use the same palette for every class (they carry no label
-information).
+position, size (`bird_size`: length 45-75% of the image side), tilt (+-25 degrees) and facing,
+on a cluttered background (`distractors`: 3-7 shapes) whose shapes use the birds' own palette,
+the same for every class (they carry no label information).
 
 Written layout (a CSV manifest that `ImageDataModule` reads directly)::
 
