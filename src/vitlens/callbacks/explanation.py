@@ -78,7 +78,7 @@ class ExplanationCallback(Callback):
         methods: Sequence[str] = ("transformer_attribution", "grad_rollout"),
         num_samples: int = 8,
         every_n_epochs: int = 1,
-        perturbation_samples: int = 64,
+        perturbation_samples: int = 16,
         batch_size: int = 32,
         perturbation_batch_size: int = 128,
         precision: str | None = None,
@@ -243,14 +243,20 @@ class ExplanationCallback(Callback):
         return self._cache[1]
 
     # ------------------------------------------------------------------ computing (every rank)
-    def _explain(self, pl_module: LightningModule, images: torch.Tensor, targets: torch.Tensor):
-        """Maps of every method (one shared forward/backward pass per chunk) and the logits."""
+    def _explain(self, pl_module: LightningModule, images: torch.Tensor, targets: torch.Tensor | None):
+        """Maps of every method (one shared forward/backward pass per chunk) and the logits.
+
+        ``targets=None`` explains the predicted class."""
         methods = self.methods + ((_RANDOM,) if self.include_random else ())
         maps: dict[str, list[torch.Tensor]] = {m: [] for m in methods}
         logits = []
         for i in range(0, len(images), self.batch_size):
             out = explain_many(
-                pl_module, images[i : i + self.batch_size], methods, targets[i : i + self.batch_size], precision=self.precision
+                pl_module,
+                images[i : i + self.batch_size],
+                methods,
+                None if targets is None else targets[i : i + self.batch_size],
+                precision=self.precision,
             )
             for method in methods:
                 maps[method].append(out.maps[method].detach().float())
@@ -270,20 +276,21 @@ class ExplanationCallback(Callback):
         batch = self._load(trainer, positions)
         images = batch["image"].to(device)
         labels = batch["label"].to(device)
-        # explain the true class; the same pass gives the prediction, then the misclassified again for it
-        true_maps, logits = self._explain(pl_module, images, labels)
-        probabilities = logits.softmax(-1)
-        predictions = probabilities.argmax(-1)
-        wrong = predictions != labels
-        predicted_maps = {m: t.clone() for m, t in true_maps.items()}
-        if wrong.any():
-            again, _ = self._explain(pl_module, images[wrong], predictions[wrong])
-            for method, maps in again.items():
-                predicted_maps[method][wrong] = maps
-
+        # explain the predicted class (the perturbation test's and localisation's map); the same pass gives the
+        # prediction; then the misclassified probe images again for their true class (shown beside it)
         where = torch.as_tensor(positions)
         probe_cpu = where < self.num_samples
         probe = probe_cpu.to(device)
+        predicted_maps, logits = self._explain(pl_module, images, None)
+        probabilities = logits.softmax(-1)
+        predictions = probabilities.argmax(-1)
+        wrong = predictions != labels
+        true_maps = {m: t.clone() for m, t in predicted_maps.items()}
+        if (wrong & probe).any():
+            again, _ = self._explain(pl_module, images[wrong & probe], labels[wrong & probe])
+            for method, maps in again.items():
+                true_maps[method][wrong & probe] = maps
+
         perturbed = (where < self.perturbation_samples).to(device)
         mean, std = _normalisation(trainer, pl_module)
         size = tuple(images.shape[-2:])
