@@ -13,6 +13,25 @@ It never hurts the training run: an error switches the callback off with one war
 random-number state are as before, so training is bit-identical with and without it.
 Under DDP the work is sharded across ranks, gathered, and logged by global rank 0; every
 rank reaches every collective call, also after a failure on one of them.
+
+What is logged, in one step per explained epoch (W&B keys; TensorBoard uses the same tags):
+
+- ``explain/<method>/maps``: one overlay per probe sample, the map of its true class, captioned
+  ``#<index> true: <class> | predicted: <class> (<probability>)``; for misclassified samples
+  ``explain/<method>/maps_predicted`` holds the map of the predicted class.
+- ``explain/table``: an incremental W&B table, one row per epoch and probe sample (epoch,
+  sample id, image, one overlay per method, label, prediction, probability, and per sample
+  ``<method>/drift``, ``<method>/pointing_game``, ``<method>/relevance_on_object``).
+- ``explain/<method>/pos_auc``, ``neg_auc``, ``pos_auc_probability``, ``neg_auc_probability``:
+  the paper's perturbation test (spec section 5) on the first ``perturbation_samples`` images
+  of the stratified order, explaining the predicted class; ``explain/random/...`` the chance level.
+- ``explain/<method>/pointing_game`` and ``relevance_on_object`` (when the data has masks or
+  boxes): means over all explained images, predicted-class maps (as the paper's segmentation test).
+- ``explain/<method>/drift``: mean Pearson correlation between each probe map (true class, raw
+  patch-grid relevance) and the same sample's map the previous time the callback ran (1 = the
+  maps did not move); absent the first time.
+- ``explain/perturbation_curves``: accuracy against the removed fraction, positive and
+  negative test per method (a W&B line plot; a figure on TensorBoard, a PNG for CSV).
 """
 from __future__ import annotations
 
