@@ -1,7 +1,8 @@
 """Cost of the ExplanationCallback: epoch time with and without it, in one run.
 
-Two fits of the same seeded job, one plain and one with ``ExplanationCallback`` (default
-settings unless overridden); per epoch it times the whole training epoch (train + validation +
+Two fits of the same seeded job, one plain and one with ``ExplanationCallback`` (the
+settings of the shipped config: configs/toybirds.yaml on CPU, configs/cub200_mae_vitb16.yaml in
+GPU mode, unless overridden on the command line); per epoch it times the whole training epoch (train + validation +
 callbacks) and, in the second fit, the time spent inside the callback. The table shows both
 columns and the overhead = callback time / plain epoch time (target: at most 10% on the
 default toy-birds CPU job, at most 3% for ViT-B/16 on a CUB-sized epoch on a GPU).
@@ -95,7 +96,15 @@ def toybirds_job(args):
         return model, data
 
     trainer_kw = dict(precision=config["trainer"].get("precision", "32-true"))
-    return make, trainer_kw, config.get("seed_everything", 0)
+    return make, trainer_kw, config.get("seed_everything", 0), shipped_callback_options(config)
+
+
+def shipped_callback_options(config) -> dict:
+    """init_args of the ExplanationCallback in a shipped config (what users get by default)."""
+    for entry in config["trainer"].get("callbacks") or []:
+        if entry.get("class_path", "").endswith("ExplanationCallback"):
+            return dict(entry.get("init_args") or {})
+    return {}
 
 
 # ------------------------------------------------------------------------------ GPU: ViT-B/16, CUB-sized
@@ -144,7 +153,8 @@ def vit_job(args):
                               layer_decay=0.65, warmup_epochs=0.1)
         return model, data
 
-    return make, dict(precision="bf16-mixed"), 0
+    config = yaml.safe_load((ROOT / "configs" / "cub200_mae_vitb16.yaml").read_text())
+    return make, dict(precision="bf16-mixed"), 0, shipped_callback_options(config)
 
 
 # ------------------------------------------------------------------------------ run
@@ -155,11 +165,17 @@ def fit(make, trainer_kw, seed, args, callback):
     trainer = L.Trainer(
         accelerator="gpu" if args.device == "cuda" else "cpu", devices=1, max_epochs=args.epochs, logger=False,
         callbacks=[timer] + ([callback] if callback else []), enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, num_sanity_val_steps=0, limit_train_batches=args.limit_train_batches,
+        enable_model_summary=False, num_sanity_val_steps=0, limit_train_batches=_limit(args.limit_train_batches),
+        limit_val_batches=_limit(args.limit_val_batches),
         default_root_dir=str(args.out), **trainer_kw,
     )
     trainer.fit(model, datamodule=data)
     return timer.times
+
+
+def _limit(value):
+    """Lightning reads a float as a fraction and an int as a batch count."""
+    return int(value) if value is not None and value > 1 else value
 
 
 def median(times, skip_first, which):
@@ -173,6 +189,7 @@ def main():
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--limit-train-batches", type=float, default=None, help="fraction or number of training batches")
+    p.add_argument("--limit-val-batches", type=float, default=None, help="fraction or number of validation batches")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--data-dir", type=Path, default=ROOT / "data" / "toybirds")
     p.add_argument("--out", type=Path, default=ROOT / "outputs" / "callback_overhead")
@@ -183,8 +200,8 @@ def main():
     args = p.parse_args()
     torch.set_float32_matmul_precision("high")
 
-    make, trainer_kw, seed = vit_job(args) if args.model else toybirds_job(args)
-    options = {k: v for k, v in dict(methods=args.methods, num_samples=args.num_samples,
+    make, trainer_kw, seed, shipped = vit_job(args) if args.model else toybirds_job(args)
+    options = shipped | {k: v for k, v in dict(methods=args.methods, num_samples=args.num_samples,
                                      perturbation_samples=args.perturbation_samples,
                                      precision=args.precision).items() if v is not None}
     callback = TimedExplanationCallback(strict=True, **options)
