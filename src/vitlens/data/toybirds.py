@@ -4,8 +4,8 @@ Each species is a distinct combination of five part attributes: body colour, bea
 wing colour, wing pattern and tail shape. Any two of the default 8 species differ in at
 least 4 of the 5 attributes, and in at least one colour, so a small ViT learns them from
 scratch in minutes; no single attribute gives the species away. Birds are drawn at a random
-position, size (`bird_size`: length 45-75% of the image side), tilt (+-25 degrees) and facing,
-on a cluttered background (`distractors`: 3-7 shapes) whose shapes use the birds' own palette,
+position, size (`bird_size`: length 55-80% of the image side), tilt (+-25 degrees) and facing,
+on a cluttered background (`distractors`: 2-5 shapes) whose shapes use the birds' own palette,
 the same for every class (they carry no label information).
 
 Written layout (a CSV manifest that `ImageDataModule` reads directly)::
@@ -235,8 +235,8 @@ def render_bird(
     *,
     supersample: int = 2,
     shortcut_label: int | None = None,
-    bird_size: tuple[float, float] = (0.45, 0.75),
-    distractors: tuple[int, int] = (3, 7),
+    bird_size: tuple[float, float] = (0.55, 0.8),
+    distractors: tuple[int, int] = (2, 5),
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Draw one bird: (image HxWx3 uint8, bird mask HxW bool, parts mask HxW bool).
 
@@ -307,8 +307,8 @@ def toybirds_options(
     test_per_class: int = 60,
     shortcut: bool = False,
     seed: int = 0,
-    bird_size: tuple[float, float] = (0.45, 0.75),
-    distractors: tuple[int, int] = (3, 7),
+    bird_size: tuple[float, float] = (0.55, 0.8),
+    distractors: tuple[int, int] = (2, 5),
 ) -> dict:
     """The full, validated option dict of a toy-bird set (as stored in toybirds.json)."""
     toybird_species(num_species)  # validates num_species
@@ -350,8 +350,8 @@ def generate_toybirds(
     test_per_class: int = 60,
     shortcut: bool = False,
     seed: int = 0,
-    bird_size: tuple[float, float] = (0.45, 0.75),
-    distractors: tuple[int, int] = (3, 7),
+    bird_size: tuple[float, float] = (0.55, 0.8),
+    distractors: tuple[int, int] = (2, 5),
     overwrite: bool = False,
     progress: bool = False,
 ) -> Path:
@@ -372,7 +372,8 @@ def generate_toybirds(
     if manifest.exists() and not overwrite:
         existing = read_toybirds_options(out)
         if existing is not None:
-            existing = toybirds_options(**existing)  # fills options added since it was written
+            # sets written before these options existed used bird_size (0.45, 0.75), distractors (3, 7)
+            existing = toybirds_options(**{"bird_size": (0.45, 0.75), "distractors": (3, 7), **existing})
         if existing != options:
             raise ValueError(
                 f"{out} already holds toy birds generated with {existing}, not {options}: "
@@ -462,8 +463,8 @@ def preview_grid(
     zoom: int = 2,
     shortcut: bool = False,
     seed: int = 0,
-    bird_size: tuple[float, float] = (0.45, 0.75),
-    distractors: tuple[int, int] = (3, 7),
+    bird_size: tuple[float, float] = (0.55, 0.8),
+    distractors: tuple[int, int] = (2, 5),
 ) -> Path:
     """Write a PNG grid, one row per species, of freshly drawn birds (for the README)."""
     species = toybird_species(num_species)
@@ -493,9 +494,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--test-per-class", type=int, default=60)
     parser.add_argument("--shortcut", action="store_true", help="plant a class-coloured corner mark in train images")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--bird-size", type=float, nargs=2, default=(0.45, 0.75), metavar=("MIN", "MAX"),
+    parser.add_argument("--bird-size", type=float, nargs=2, default=(0.55, 0.8), metavar=("MIN", "MAX"),
                         help="bird length as a fraction of the image side")
-    parser.add_argument("--distractors", type=int, nargs=2, default=(3, 7), metavar=("MIN", "MAX"),
+    parser.add_argument("--distractors", type=int, nargs=2, default=(2, 5), metavar=("MIN", "MAX"),
                         help="number of clutter shapes per image")
     parser.add_argument("--overwrite", action="store_true")
     parser.add_argument("--preview", metavar="PNG", help="also write a preview grid to this file")
