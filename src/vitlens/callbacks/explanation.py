@@ -97,7 +97,7 @@ class ExplanationCallback(Callback):
         methods: Sequence[str] = ("transformer_attribution", "grad_rollout"),
         num_samples: int = 8,
         every_n_epochs: int = 1,
-        perturbation_samples: int = 16,
+        perturbation_samples: int = 8,
         batch_size: int = 32,
         perturbation_batch_size: int = 128,
         precision: str | None = None,
