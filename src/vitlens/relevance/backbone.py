@@ -62,6 +62,7 @@ class Linear:
     bias: torch.Tensor | None
     mm_weight: torch.Tensor  # weight in the matmul dtype (same tensor when they agree)
     _abs: torch.Tensor | None = field(default=None, repr=False)
+    _signs: torch.Tensor | None = field(default=None, repr=False)
 
     @property
     def abs_weight(self) -> torch.Tensor:
@@ -69,6 +70,15 @@ class Linear:
         if self._abs is None:
             self._abs = self.mm_weight.abs()
         return self._abs
+
+    @property
+    def sign_weight(self) -> torch.Tensor:
+        """``[W+, W-]`` (out, 2 * in) in the matmul dtype, built once on first use (the Linear
+        rule with low-precision matmuls)."""
+        if self._signs is None:
+            W = self.mm_weight
+            self._signs = torch.cat([W.clamp(min=0), W.clamp(max=0)], dim=1)
+        return self._signs
 
 
 @dataclass
@@ -121,12 +131,32 @@ class Backbone:
 
     # The forward pass runs in the compute dtype: the z-rule denominators are built from its
     # records, and low-precision records make them ill-conditioned (bf16 records put maps of a
-    # random ViT off by ~100%). ``mm_dtype`` only applies to the relevance rules' matmuls.
+    # random ViT off by ~100%). ``mm_dtype`` applies to the relevance rules' matmuls and to the
+    # input gradients of the Linear layers in the gradient pass (``_LinearLowpGrad``).
     def linear(self, x: torch.Tensor, layer: Linear) -> torch.Tensor:
+        if self.mm_dtype != self.dtype and x.requires_grad and torch.is_grad_enabled():
+            return _LinearLowpGrad.apply(x, layer.weight, layer.bias, layer.mm_weight)
         return F.linear(x, layer.weight, layer.bias)
 
     def mm(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return a @ b
+
+
+class _LinearLowpGrad(torch.autograd.Function):
+    """``F.linear`` in the compute dtype whose input gradient ``g W`` runs in the matmul dtype."""
+
+    @staticmethod
+    def forward(x, weight, bias, mm_weight):
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.mm_weight = inputs[3]
+
+    @staticmethod
+    def backward(ctx, g):
+        w = ctx.mm_weight
+        return (g.to(w.dtype) @ w).to(g.dtype), None, None, None
 
 
 def _norm(module: nn.Module, where: str, dtype) -> Norm | None:

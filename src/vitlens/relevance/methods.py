@@ -281,13 +281,18 @@ def _run(bb: Backbone, images: torch.Tensor, req: dict[str, dict], targets) -> E
             r = chain(pool_r, ((grads[i] * trace.blocks[i].attn).clamp(min=0).mean(1)
                                for i in reversed(range(s, L))))
             maps["grad_rollout"] = grid(r)
+        # the head gives relevance to the pooled tokens only: under class-token pooling the top
+        # block's relevance pass runs on its first rows only (low-precision matmuls only, so
+        # that float32 / float64 maps keep their exact rounding)
+        top_rows = {"token": 1, "distilled": 2}.get(bb.pool) if bb.mm_dtype != bb.dtype else None
         if paper_from < L:
             R, readout = rules.head_rule(bb, trace, t)
             r_ta = readout if "transformer_attribution" in req else None
             r_lr = readout if "lrp_rollout" in req else None
             for i in reversed(range(paper_from, L)):
                 R, R_attn = rules.block_rule(bb, bb.blocks[i], trace.blocks[i], R,
-                                             to_input=i > paper_from)
+                                             to_input=i > paper_from,
+                                             rows=top_rows if i == L - 1 else None)
                 if r_ta is not None and i >= start["transformer_attribution"]:
                     r_ta = chain(r_ta, [grads.pop(i).mul_(R_attn).clamp_(min=0).mean(1)])
                 if r_lr is not None and i >= start["lrp_rollout"]:
@@ -306,7 +311,7 @@ def _run(bb: Backbone, images: torch.Tensor, req: dict[str, dict], targets) -> E
             for i in reversed(range(plain_from, L)):
                 full = "full_lrp" in req
                 R, R_attn = rules.block_rule(bb, bb.blocks[i], trace.blocks[i], R, plain=True,
-                                             to_input=full)
+                                             to_input=full, rows=top_rows if i == L - 1 else None)
                 if i == L - 1 and "partial_lrp" in req:
                     row = torch.bmm(readout[:, None], R_attn.clamp(min=0).mean(1))[:, 0]
                     maps["partial_lrp"] = grid(row)

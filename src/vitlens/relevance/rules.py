@@ -38,6 +38,8 @@ def linear_rule(bb: Backbone, layer: Linear, x: torch.Tensor, R: torch.Tensor,
     every product that ``S`` multiplies is 0 (Z is a sum of non-negative terms), so the
     ``sdiv`` mask is not needed. ``plain``: ``S1 = sdiv(R, x+ W+^T)``, ``S2 = sdiv(R, x- W-^T)``.
     """
+    if not plain and bb.mm_dtype != bb.dtype:
+        return _linear_rule_lowp(bb, layer, x, R)
     W, Wabs = layer.mm_weight, layer.abs_weight
     if plain:
         xp, xn = x.clamp(min=0), x.clamp(max=0)
@@ -46,12 +48,6 @@ def linear_rule(bb: Backbone, layer: Linear, x: torch.Tensor, R: torch.Tensor,
         S2 = sdiv(R, _mm(bb, xn, Wn.T))
         return xp * _mm(bb, S1, Wp) + xn * _mm(bb, S2, Wn)
     xabs = x.abs()
-    if bb.mm_dtype != bb.dtype:
-        # low-precision matmuls: x W^T cancels, so build 2 Z from non-negative terms only
-        den = _mm(bb, torch.cat([xabs + x, xabs - x], dim=-1),
-                  torch.cat([Wabs + W, Wabs - W], dim=-1).T).mul_(0.5).add_(2 * EPS)
-        S = torch.div(R, den, out=den)
-        return _mm(bb, S, W).mul_(x).addcmul_(xabs, _mm(bb, S, Wabs))
     if out is None:
         den = _mm(bb, x, W.T).add_(2 * EPS)
     elif layer.bias is None:
@@ -61,6 +57,36 @@ def linear_rule(bb: Backbone, layer: Linear, x: torch.Tensor, R: torch.Tensor,
     den.add_(_mm(bb, xabs, Wabs.T))
     S = torch.div(R, den, out=den)
     return _mm(bb, S, W).mul_(x).addcmul_(xabs, _mm(bb, S, Wabs))
+
+
+def _sign_split(bb: Backbone, x: torch.Tensor) -> torch.Tensor:
+    """``[x+, x-]`` along the last dimension in the matmul dtype: one cast of ``x``, written
+    straight into one buffer (no ``torch.cat``). Rounding commutes with the clamps."""
+    n = x.shape[-1]
+    xl = x.to(bb.mm_dtype)  # a contiguous cast (a cast into a strided buffer is ~3x slower)
+    out = torch.empty(*x.shape[:-1], 2 * n, dtype=bb.mm_dtype, device=x.device)
+    torch.clamp(xl, min=0, out=out[..., :n])
+    torch.clamp(xl, max=0, out=out[..., n:])
+    return out
+
+
+def _linear_rule_lowp(bb: Backbone, layer: Linear, x: torch.Tensor,
+                      R: torch.Tensor) -> torch.Tensor:
+    """The paper's Linear rule with low-precision (bf16) matmuls, two matmuls per layer.
+
+    ``x W^T`` cancels, so ``Z = x+ W+^T + x- W-^T`` is built from non-negative terms only, as
+    one matmul of ``[x+, x-]`` against ``[W+, W-]`` (both pre-split, the weight once per call);
+    ``S = R / (Z + 1e-9)`` (where ``Z == 0`` every product that ``S``
+    multiplies is 0, so no mask); ``S [W+, W-] = [G+, G-]`` in one matmul, and
+    ``R_x = x+ G+ + x- G-`` from the bf16 ``[x+, x-]`` (``torch.where`` is ~4x slower on CPU).
+    """
+    n = x.shape[-1]
+    Wpn = layer.sign_weight
+    xpn = _sign_split(bb, x)
+    den = (xpn @ Wpn.T).add_(EPS)  # Z >= 0: the sum of non-negative terms
+    S = torch.div(R, den, out=den)  # computed in the compute dtype, stored in the matmul dtype
+    P = (S @ Wpn).mul_(xpn)  # [x+ G+, x- G-]: one of each pair is exactly 0, so the add is exact
+    return torch.add(P[..., :n], P[..., n:], out=x.new_empty(x.shape))
 
 
 def residual_rule(u: torch.Tensor, v: torch.Tensor, z: torch.Tensor, R: torch.Tensor, *,
@@ -94,47 +120,81 @@ def fork_rule(x: torch.Tensor, R_skip: torch.Tensor, R_branch: torch.Tensor) -> 
 
 
 def block_rule(bb: Backbone, w: BlockWeights, t: BlockTrace, R: torch.Tensor, *,
-               plain: bool = False, to_input: bool = True):
+               plain: bool = False, to_input: bool = True, rows: int | None = None):
     """Relevance through one block (spec section 2, steps 1-4).
 
     Returns ``(R_x, R_attn)``: relevance at the block input (None when ``to_input`` is False:
     the q/k/v part is then skipped) and the halved relevance of the attention matrix
-    (B, H, N, N).
+    (B, H, N, N). ``rows``: ``R`` is 0 outside its first ``rows`` tokens (the top block under
+    class-token pooling): the MLP, the projection and the attention rows then run on those
+    tokens only (every other row of their relevance is exactly 0); q/k/v still get all tokens.
     """
     B, N, _ = R.shape
+    n = N if rows is None else rows
+    H, d = w.num_heads, w.head_dim
+
+    def top(a):  # the first n tokens of a (B, N, ...) record
+        return a if n == N else a[:, :n]
+
+    R = top(R)
     # 1. MLP branch
-    R_mid, R_m = residual_rule(t.x_mid, t.m, t.x_out, R, plain=plain)
-    R_g = linear_rule(bb, w.fc2, t.g, R_m, t.f2, plain=plain)  # LayerScale: identity
-    R_h2 = linear_rule(bb, w.fc1, t.h2, R_g, t.f1, plain=plain)  # mlp norm, GELU: identity
-    R_mid = fork_rule(t.x_mid, R_mid, R_h2)  # LayerNorm 2: identity
+    R_mid, R_m = residual_rule(top(t.x_mid), top(t.m), top(t.x_out), R, plain=plain)
+    R_g = linear_rule(bb, w.fc2, top(t.g), R_m, top(t.f2), plain=plain)  # LayerScale: identity
+    R_h2 = linear_rule(bb, w.fc1, top(t.h2), R_g, top(t.f1), plain=plain)  # mlp norm, GELU: identity
+    R_mid = fork_rule(top(t.x_mid), R_mid, R_h2)  # LayerNorm 2: identity
     del R_m, R_g, R_h2
     # 2. attention branch
-    R_x, R_a = residual_rule(t.x, t.a, t.x_mid, R_mid, plain=plain)
-    R_o = linear_rule(bb, w.proj, t.o, R_a, t.proj, plain=plain)  # attention-output norm: identity
-    R_heads = R_o.view(B, N, w.num_heads, w.head_dim).transpose(1, 2)
+    R_x, R_a = residual_rule(top(t.x), top(t.a), top(t.x_mid), R_mid, plain=plain)
+    R_o = linear_rule(bb, w.proj, top(t.o), R_a, top(t.proj), plain=plain)  # attention-output norm: identity
+    R_heads = R_o.view(B, n, H, d).transpose(1, 2)
     del R_mid, R_a, R_o
-    # 3. heads = attn @ v: z-rule to both operands, both halved
-    # z-rule denominators that can cancel are recomputed in the compute dtype
-    heads = t.heads if bb.mm_dtype == bb.dtype else t.attn @ t.v
-    S = sdiv(R_heads, heads).mul_(0.5)
-    R_attn = _mm(bb, S, t.v.transpose(-2, -1)).mul_(t.attn)
+    # 3. heads = attn @ v: z-rule to both operands, both halved. The z-rule denominators that
+    # can cancel (heads, scores) are the forward's, in the compute dtype. With low-precision
+    # matmuls every operand is cast once and the products are taken in the compute dtype.
+    low = bb.mm_dtype != bb.dtype
+    attn, q = t.attn[:, :, :n], t.q[:, :, :n]
+    S = sdiv(R_heads, t.heads[:, :, :n]).mul_(0.5)
+    if low:
+        S = S.to(bb.mm_dtype)
+        R_attn = torch.mul(S @ t.v.to(bb.mm_dtype).transpose(-2, -1), attn)
+    else:
+        R_attn = (S @ t.v.transpose(-2, -1)).mul_(attn)
+    R_attn_all = R_attn
+    if n < N:
+        R_attn_all = R_attn.new_zeros(B, H, N, N)
+        R_attn_all[:, :, :n] = R_attn
     if not to_input:
-        return None, R_attn
-    R_qkv = R_attn.new_empty(B, N, 3, w.num_heads, w.head_dim)
+        return None, R_attn_all
+    R_qkv = R_attn.new_empty(B, N, 3, H, d)
     R_q, R_k, R_v = R_qkv.permute(2, 0, 3, 1, 4)  # views (B, H, N, d) in timm's qkv layout
-    torch.mul(_mm(bb, t.attn.transpose(-2, -1), S), t.v, out=R_v)
+    if low:
+        torch.mul(attn.to(bb.mm_dtype).transpose(-2, -1) @ S, t.v, out=R_v)
+    else:
+        torch.mul(attn.transpose(-2, -1) @ S, t.v, out=R_v)
     del S, R_heads
     # 4. softmax: identity; scores = q @ k^T (the 1/sqrt(d) scale cancels): halved
-    Z = t.q @ t.k.transpose(-2, -1)
+    Z = q @ t.k.transpose(-2, -1)
     zero = Z == 0
-    S = torch.div(R_attn, Z.add_(EPS), out=Z).masked_fill_(zero, 0)
-    del zero
-    torch.mul(_mm(bb, S, t.k).mul_(0.5), t.q, out=R_q)
-    torch.mul(_mm(bb, S.transpose(-2, -1), t.q).mul_(0.5), t.k, out=R_k)
-    del S
+    if n < N:
+        R_q[:, :, n:] = 0
+        R_q = R_q[:, :, :n]
+    if low:  # the quotient is written in the matmul dtype directly
+        S = torch.div(R_attn, Z.add_(EPS), out=torch.empty_like(Z, dtype=bb.mm_dtype))
+        del Z
+        S.masked_fill_(zero, 0)
+        ql, kl = q.to(bb.mm_dtype), t.k.to(bb.mm_dtype)
+        torch.mul(S @ kl, q, out=R_q).mul_(0.5)
+        torch.mul(S.transpose(-2, -1) @ ql, t.k, out=R_k).mul_(0.5)
+    else:
+        S = torch.div(R_attn, Z.add_(EPS), out=Z).masked_fill_(zero, 0)
+        torch.mul((S @ t.k).mul_(0.5), q, out=R_q)
+        torch.mul((S.transpose(-2, -1) @ q).mul_(0.5), t.k, out=R_k)
+    del S, zero, R_attn
     R_qkv = R_qkv.view(B, N, -1)
     R_h1 = linear_rule(bb, w.qkv, t.h1, R_qkv, t.qkv, plain=plain)  # q/k norm, norm1: identity
-    return fork_rule(t.x, R_x, R_h1), R_attn
+    if n < N:
+        R_x = torch.cat([R_x, R_x.new_zeros(B, N - n, R_x.shape[-1])], dim=1)
+    return fork_rule(t.x, R_x, R_h1), R_attn_all
 
 
 def pooled_tokens(bb: Backbone, n_tokens: int) -> slice:
