@@ -86,6 +86,15 @@ class VitlensCLI(LightningCLI):
                 version = logger.experiment.id
             if version is not None:
                 checkpoint.dirpath = str(Path("checkpoints") / str(version))
+        if checkpoint is not None and checkpoint.save_last:
+            # Lightning 2.6 writes last.ckpt only when it also writes a top-k checkpoint, so a
+            # run whose final epochs are not its best kept a stale last.ckpt: a separate
+            # callback writes last.ckpt after every validation.
+            checkpoint.save_last = False
+            self.trainer.callbacks.append(ModelCheckpoint(
+                dirpath=checkpoint.dirpath, filename="last", monitor=None, save_top_k=1,
+                enable_version_counter=False,
+            ))
 
 
 def main(argv: list[str] | None = None) -> VitlensCLI:

@@ -154,3 +154,16 @@ def test_ddp_fit_two_cpu_processes(tiny_dataset_dir, tmp_path):
     checkpoint = torch.load(folders[0] / "last.ckpt", map_location="cpu", weights_only=False)
     # each process sees half of the 32 train images: 2 steps of 8 per epoch (4 in one process)
     assert checkpoint["global_step"] == 2 * (checkpoint["epoch"] + 1)
+
+
+def test_last_checkpoint_is_the_final_epoch_even_when_not_the_best(tiny_dataset_dir, tmp_path):
+    """Lightning 2.6 writes last.ckpt only beside a new top-k checkpoint; train.py keeps it current."""
+    tiny = _tiny_config(tmp_path, tiny_dataset_dir)
+    train.main(["fit", "-c", str(REPO / "configs/toybirds.yaml"), "-c", str(tiny), "--trainer.logger", "lightning.pytorch.loggers.CSVLogger",
+                "--trainer.logger.save_dir", str(tmp_path),
+                "--model.lr", "0", "--model.min_lr", "0", "--trainer.max_steps", "8"])
+    (folder,) = {path.parent for path in tmp_path.rglob("last.ckpt")}
+    best = list(folder.glob("best-*.ckpt"))
+    # with lr 0 the weights never change, so val/acc never improves after the first epoch
+    assert len(best) == 1 and torch.load(best[0], map_location="cpu", weights_only=False)["global_step"] == 4
+    assert torch.load(folder / "last.ckpt", map_location="cpu", weights_only=False)["global_step"] == 8
