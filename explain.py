@@ -180,7 +180,7 @@ def run_maps(args) -> None:
     import numpy as np
     import torch
 
-    from vitlens.data import eval_transform, read_image
+    from vitlens.data import denormalize, eval_transform, read_image
     from vitlens.relevance import explain_many
     from vitlens.relevance.display import contact_sheet, explanation_panel, save_png
 
@@ -197,8 +197,6 @@ def run_maps(args) -> None:
     out.mkdir(parents=True, exist_ok=True)
     precision = "bf16" if args.precision == "bf16" else None
     no_boxes = np.zeros((0, 4), np.float32)
-    mean_t = torch.tensor(mean).view(1, 3, 1, 1)
-    std_t = torch.tensor(std).view(1, 3, 1, 1)
     panels, index = [], []
     progress = _track(range(0, len(paths), args.batch_size), "explaining", not args.no_progress)
     for start in progress:
@@ -214,7 +212,7 @@ def run_maps(args) -> None:
             classes = probs.topk(topk, dim=1).indices
         maps = [explain_many(model, images, args.methods, classes[:, k], precision=precision).maps
                 for k in range(classes.shape[1])]
-        images01 = (images.cpu() * std_t + mean_t).clamp(0, 1)
+        images01 = denormalize(images.cpu(), mean, std).clamp(0, 1)
         for i, (p, name) in enumerate(zip(chunk, names[start:start + len(chunk)])):
             rows = []
             for k in range(classes.shape[1]):

@@ -29,6 +29,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from vitlens.data.normalization import denormalize, normalize
 from vitlens.relevance.heatmap import heatmap
 
 PAPER_FRACTIONS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -312,7 +313,8 @@ def _run_group(model, images, relevance, labels, targets, mean_t, std_t, step_te
     elif fill == "mean":
         fill_values = torch.zeros_like(images)
     else:
-        fill_values = (_gaussian_blur(images * std_t + mean_t, blur_sigma) - mean_t) / std_t
+        fill_values = normalize(_gaussian_blur(denormalize(images, mean_t.flatten(), std_t.flatten()), blur_sigma),
+                                mean_t.flatten(), std_t.flatten())
 
     n_steps = step_k.shape[0]
     rows_image = torch.arange(m, device=images.device).repeat_interleave(n_steps)
