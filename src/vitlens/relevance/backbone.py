@@ -392,19 +392,19 @@ class BlockTrace:
 
     attn: torch.Tensor | None = None  # (B, H, N, N) softmax output
     x: torch.Tensor | None = None  # block input
-    h1: torch.Tensor | None = None  # qkv input
-    qkv: torch.Tensor | None = None  # qkv output (B, N, 3 * H * d)
+    h1: torch.Tensor | None = None  # qkv input (in the matmul dtype: see ``_record``)
+    qkv: torch.Tensor | None = None  # qkv output (B, N, 3 * H * d), kept only with q/k norm
     q: torch.Tensor | None = None  # (B, H, N, d) after q_norm, unscaled
     k: torch.Tensor | None = None
     v: torch.Tensor | None = None
     heads: torch.Tensor | None = None  # (B, H, N, d) = attn @ v
-    o: torch.Tensor | None = None  # proj input (B, N, H * d)
+    o: torch.Tensor | None = None  # proj input (B, N, H * d), in the matmul dtype
     proj: torch.Tensor | None = None  # proj output
     a: torch.Tensor | None = None  # attention branch output (after LayerScale)
     x_mid: torch.Tensor | None = None
-    h2: torch.Tensor | None = None  # fc1 input
-    f1: torch.Tensor | None = None  # fc1 output
-    g: torch.Tensor | None = None  # fc2 input
+    h2: torch.Tensor | None = None  # fc1 input, in the matmul dtype
+    f1: torch.Tensor | None = None  # fc1 output (not kept with low-precision matmuls)
+    g: torch.Tensor | None = None  # fc2 input, in the matmul dtype
     f2: torch.Tensor | None = None  # fc2 output
     m: torch.Tensor | None = None  # MLP branch output (after LayerScale)
     x_out: torch.Tensor | None = None
@@ -423,7 +423,8 @@ def block_forward(bb: Backbone, w: BlockWeights, x: torch.Tensor, *, keep_attn: 
     q, k, v = qkv_heads.unbind(0)
     q, k = layer_norm(q, w.q_norm), layer_norm(k, w.k_norm)
     if keep_attn or keep_all:
-        attn = bb.mm(q * w.scale, k.transpose(-2, -1)).softmax(dim=-1)
+        # scale the scores, not q (as the authors' code does): autograd then keeps no scaled q
+        attn = bb.mm(q, k.transpose(-2, -1)).mul_(w.scale).softmax(dim=-1)
         heads = bb.mm(attn, v)
         t.attn = attn
     else:
@@ -439,9 +440,53 @@ def block_forward(bb: Backbone, w: BlockWeights, x: torch.Tensor, *, keep_attn: 
     m = f2 if w.ls2 is None else f2 * w.ls2
     x_out = x_mid + m
     if keep_all:
-        t.x, t.h1, t.qkv, t.q, t.k, t.v, t.heads, t.o, t.proj, t.a = x, h1, qkv, q, k, v, heads, o, proj, a
-        t.x_mid, t.h2, t.f1, t.g, t.f2, t.m, t.x_out = x_mid, h2, f1, g, f2, m, x_out
+        _record(bb, w, t, x=x, h1=h1, qkv=qkv, q=q, k=k, v=v, heads=heads, o=o, proj=proj, a=a,
+                x_mid=x_mid, h2=h2, f1=f1, g=g, f2=f2, m=m, x_out=x_out)
     return x_out, t
+
+
+def _record(bb: Backbone, w: BlockWeights, t: BlockTrace, **r: torch.Tensor) -> None:
+    """Keep what the relevance rules read, and no more (memory: ViT-B/16 at batch 64 keeps
+    ~0.6 GiB per block).
+
+    - The inputs of the Linear layers (h1, o, h2, g) are read only by the Linear rule. With
+      low-precision matmuls that rule casts them first, so they are kept cast (half the size,
+      the same maps).
+    - The Linear outputs are the float32/float64 Linear rule's denominators. With
+      low-precision matmuls that rule rebuilds its denominators, so qkv and f1 are dropped
+      (autograd frees f1 after the gradient pass). Without q/k norm the qkv output is q, k, v,
+      which the rule reassembles (``qkv_output``).
+    - ``heads`` is a view of ``o`` when there is no attention-output norm (o is heads
+      rearranged).
+    """
+    low = bb.mm_dtype != bb.dtype
+    cast = (lambda a: a.to(bb.mm_dtype)) if low else (lambda a: a)
+    t.x, t.q, t.k, t.v, t.a, t.x_mid, t.m, t.x_out = (
+        r["x"], r["q"], r["k"], r["v"], r["a"], r["x_mid"], r["m"], r["x_out"])
+    t.proj, t.f2 = r["proj"], r["f2"]  # the same tensors as a and m without LayerScale
+    t.h1, t.h2, t.g = cast(r["h1"]), cast(r["h2"]), cast(r["g"])
+    o, heads = r["o"], r["heads"]
+    if low or w.attn_norm is not None:
+        t.o, t.heads = cast(o), heads
+    else:
+        B, H, N, d = heads.shape
+        t.o, t.heads = o, o.view(B, N, H, d).transpose(1, 2)
+    if not low:
+        t.f1 = r["f1"]
+        if w.q_norm is not None or w.k_norm is not None:
+            t.qkv = r["qkv"]
+
+
+def qkv_output(t: BlockTrace) -> torch.Tensor:
+    """The qkv Linear's output (B, N, 3 * H * d): recorded, or reassembled from q, k, v."""
+    if t.qkv is not None:
+        return t.qkv
+    B, H, N, d = t.q.shape
+    out = t.q.new_empty(B, N, 3, H, d)
+    parts = out.permute(2, 0, 3, 1, 4)
+    for i, part in enumerate((t.q, t.k, t.v)):
+        parts[i].copy_(part)
+    return out.view(B, N, 3 * H * d)
 
 
 @dataclass

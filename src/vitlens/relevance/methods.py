@@ -102,7 +102,7 @@ def explain_many(model: nn.Module, images: torch.Tensor,
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch.inference_mode(False))
         stack.enter_context(torch.enable_grad())
-        if device is not None:
+        if device is not None and torch.amp.is_autocast_available(device.type):
             stack.enter_context(torch.autocast(device.type, enabled=False))
         stack.enter_context(_fp32_matmul_precision(fp32_mode))
         bb = read_backbone(vit, dtype=dtype, mm_dtype=mm_dtype)

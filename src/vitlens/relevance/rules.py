@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from vitlens.relevance.backbone import Backbone, BlockTrace, BlockWeights, Linear, Trace
+from vitlens.relevance.backbone import Backbone, BlockTrace, BlockWeights, Linear, Trace, qkv_output
 
 EPS = 1e-9
 
@@ -134,7 +134,7 @@ def block_rule(bb: Backbone, w: BlockWeights, t: BlockTrace, R: torch.Tensor, *,
     H, d = w.num_heads, w.head_dim
 
     def top(a):  # the first n tokens of a (B, N, ...) record
-        return a if n == N else a[:, :n]
+        return a if a is None or n == N else a[:, :n]
 
     R = top(R)
     # 1. MLP branch
@@ -191,7 +191,9 @@ def block_rule(bb: Backbone, w: BlockWeights, t: BlockTrace, R: torch.Tensor, *,
         torch.mul((S.transpose(-2, -1) @ q).mul_(0.5), t.k, out=R_k)
     del S, zero, R_attn
     R_qkv = R_qkv.view(B, N, -1)
-    R_h1 = linear_rule(bb, w.qkv, t.h1, R_qkv, t.qkv, plain=plain)  # q/k norm, norm1: identity
+    qkv = None if plain or low else qkv_output(t)  # only the float Linear rule reads it
+    R_h1 = linear_rule(bb, w.qkv, t.h1, R_qkv, qkv, plain=plain)  # q/k norm, norm1: identity
+    del qkv
     if n < N:
         R_x = torch.cat([R_x, R_x.new_zeros(B, N - n, R_x.shape[-1])], dim=1)
     return fork_rule(t.x, R_x, R_h1), R_attn_all
