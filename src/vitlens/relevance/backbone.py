@@ -15,6 +15,7 @@ LayerScale, q/k norm, attention-output norm, pre-norm, ``no_embed_class``,
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -43,6 +44,46 @@ def unwrap(model: nn.Module) -> nn.Module:
         return inner
     name = type(inner if isinstance(inner, nn.Module) else model).__name__
     raise UnsupportedModelError(f"cannot explain a {name}: vitlens.relevance supports {SUPPORTED}")
+
+
+# --------------------------------------------------------------------------------------------
+# numerics
+
+# torch's float32 precision switches (torch >= 2.9): matmuls and convolutions, per backend
+_FP32_SWITCHES = ("cuda.matmul", "cudnn.conv", "mkldnn.matmul", "mkldnn.conv")
+
+
+@contextlib.contextmanager
+def float32_precision(tf32: bool):
+    """Float32 matmuls and convolutions in full precision (``tf32=False``) or TF32 for the
+    duration of the block, whatever torch's global setting (``set_float32_matmul_precision``,
+    ``allow_tf32``, ``cudnn.allow_tf32`` which is on by default); each switch is restored to
+    exactly what it was. Not thread-safe: the switches are process-wide."""
+    switches = []
+    for path in _FP32_SWITCHES:
+        obj = torch.backends
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+        if obj is not None and hasattr(obj, "fp32_precision"):
+            switches.append(obj)
+    if not switches:  # older torch: the legacy switches
+        old = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+        torch.set_float32_matmul_precision("high" if tf32 else "highest")
+        torch.backends.cudnn.allow_tf32 = tf32
+        try:
+            yield
+        finally:
+            torch.set_float32_matmul_precision(old[0])
+            torch.backends.cudnn.allow_tf32 = old[1]
+        return
+    saved = [s.fp32_precision for s in switches]
+    try:
+        for s in switches:
+            s.fp32_precision = "tf32" if tf32 else "ieee"
+        yield
+    finally:
+        for s, value in zip(switches, saved):
+            s.fp32_precision = value
 
 
 # --------------------------------------------------------------------------------------------
@@ -129,17 +170,51 @@ class Backbone:
     head: Linear
     head_dist: Linear | None
 
-    # The forward pass runs in the compute dtype: the z-rule denominators are built from its
-    # records, and low-precision records make them ill-conditioned (bf16 records put maps of a
-    # random ViT off by ~100%). ``mm_dtype`` applies to the relevance rules' matmuls and to the
-    # input gradients of the Linear layers in the gradient pass (``_LinearLowpGrad``).
-    def linear(self, x: torch.Tensor, layer: Linear) -> torch.Tensor:
-        if self.mm_dtype != self.dtype and x.requires_grad and torch.is_grad_enabled():
-            return _LinearLowpGrad.apply(x, layer.weight, layer.bias, layer.mm_weight)
+    # True when the relevance rules' matmuls round their inputs (bf16, fp16 or TF32): the rules
+    # then use formulations that stay accurate under rounding (``rules._linear_rule_lowp``).
+    rounding: bool = False
+    tf32: bool = False  # the rounding is TF32's: set around the rules by the caller
+
+    def exact(self):
+        """Full float32 matmuls and convolutions inside (a no-op unless the rules run in
+        TF32): for the z-rule denominators that can cancel, which must be the forward's."""
+        return float32_precision(False) if self.tf32 else contextlib.nullcontext()
+
+    # The forward pass that the LRP rules read runs in the compute dtype: the z-rule
+    # denominators are built from its records, and low-precision records make them
+    # ill-conditioned (bf16 or TF32 records put transformer_attribution maps of a random ViT-S
+    # off by 40-100%). ``mm_dtype`` applies to the relevance rules' matmuls, to the input
+    # gradients of the Linear layers in the gradient pass (``_LinearLowpGrad``) and, with
+    # ``fast=True`` (no LRP rule reads the records), to the forward's Linear layers too.
+    def linear(self, x: torch.Tensor, layer: Linear, fast: bool = False) -> torch.Tensor:
+        if self.mm_dtype != self.dtype:
+            if fast:
+                return _LinearLowp.apply(x, layer.bias, layer.mm_weight)
+            if x.requires_grad and torch.is_grad_enabled():
+                return _LinearLowpGrad.apply(x, layer.weight, layer.bias, layer.mm_weight)
         return F.linear(x, layer.weight, layer.bias)
 
     def mm(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return a @ b
+
+
+class _LinearLowp(torch.autograd.Function):
+    """``F.linear`` with its matmuls (forward and input gradient) in the matmul dtype; the
+    output, bias add and gradient stay in the compute dtype."""
+
+    @staticmethod
+    def forward(x, bias, mm_weight):
+        y = (x.to(mm_weight.dtype) @ mm_weight.T).to(x.dtype)
+        return y if bias is None else y.add_(bias)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.mm_weight = inputs[2]
+
+    @staticmethod
+    def backward(ctx, g):
+        w = ctx.mm_weight
+        return (g.to(w.dtype) @ w).to(g.dtype), None, None
 
 
 class _LinearLowpGrad(torch.autograd.Function):
@@ -260,8 +335,10 @@ def _block(blk: nn.Module, i: int, dtype, mm_dtype) -> BlockWeights:
     )
 
 
-def read_backbone(vit: nn.Module, *, dtype: torch.dtype, mm_dtype: torch.dtype) -> Backbone:
-    """Detached weights of ``vit`` (a timm VisionTransformer) cast to ``dtype``; checks support."""
+def read_backbone(vit: nn.Module, *, dtype: torch.dtype, mm_dtype: torch.dtype,
+                  rounding: bool | None = None, tf32: bool = False) -> Backbone:
+    """Detached weights of ``vit`` (a timm VisionTransformer) cast to ``dtype``; checks support.
+    ``rounding``: the rules' matmuls round their inputs (default: ``mm_dtype != dtype``)."""
     from timm.layers import PatchEmbed
     from timm.models.deit import VisionTransformerDistilled
 
@@ -309,6 +386,8 @@ def read_backbone(vit: nn.Module, *, dtype: torch.dtype, mm_dtype: torch.dtype) 
     return Backbone(
         dtype=dtype,
         mm_dtype=mm_dtype,
+        rounding=mm_dtype != dtype if rounding is None else rounding,
+        tf32=tf32,
         device=pw.weight.device,
         patch_weight=pw.weight.detach().to(dtype),
         patch_bias=None if pw.bias is None else pw.bias.detach().to(dtype),
@@ -411,12 +490,13 @@ class BlockTrace:
 
 
 def block_forward(bb: Backbone, w: BlockWeights, x: torch.Tensor, *, keep_attn: bool,
-                  keep_all: bool) -> tuple[torch.Tensor, BlockTrace]:
-    """timm ``Block.forward`` in eval mode. Fused attention unless the matrix is kept."""
+                  keep_all: bool, fast: bool = False) -> tuple[torch.Tensor, BlockTrace]:
+    """timm ``Block.forward`` in eval mode. Fused attention unless the matrix is kept.
+    ``fast``: Linear layers in the matmul dtype (see ``Backbone.linear``)."""
     B, N, _ = x.shape
     t = BlockTrace()
     h1 = layer_norm(x, w.norm1)
-    qkv = bb.linear(h1, w.qkv)
+    qkv = bb.linear(h1, w.qkv, fast)
     qkv_heads = qkv.view(B, N, 3, w.num_heads, w.head_dim).permute(2, 0, 3, 1, 4)
     if keep_attn or keep_all:  # contiguous q, k, v: every attention matmul reads them
         qkv_heads = qkv_heads.contiguous()
@@ -430,13 +510,13 @@ def block_forward(bb: Backbone, w: BlockWeights, x: torch.Tensor, *, keep_attn: 
     else:
         heads = F.scaled_dot_product_attention(q, k, v)
     o = layer_norm(heads.transpose(1, 2).reshape(B, N, -1), w.attn_norm)
-    proj = bb.linear(o, w.proj)
+    proj = bb.linear(o, w.proj, fast)
     a = proj if w.ls1 is None else proj * w.ls1
     x_mid = x + a
     h2 = layer_norm(x_mid, w.norm2)
-    f1 = bb.linear(h2, w.fc1)
+    f1 = bb.linear(h2, w.fc1, fast)
     g = layer_norm(F.gelu(f1, approximate=w.gelu_approximate), w.mlp_norm)
-    f2 = bb.linear(g, w.fc2)
+    f2 = bb.linear(g, w.fc2, fast)
     m = f2 if w.ls2 is None else f2 * w.ls2
     x_out = x_mid + m
     if keep_all:
@@ -459,7 +539,7 @@ def _record(bb: Backbone, w: BlockWeights, t: BlockTrace, **r: torch.Tensor) -> 
     - ``heads`` is a view of ``o`` when there is no attention-output norm (o is heads
       rearranged).
     """
-    low = bb.mm_dtype != bb.dtype
+    low = bb.rounding
     cast = (lambda a: a.to(bb.mm_dtype)) if low else (lambda a: a)
     t.x, t.q, t.k, t.v, t.a, t.x_mid, t.m, t.x_out = (
         r["x"], r["q"], r["k"], r["v"], r["a"], r["x_mid"], r["m"], r["x_out"])
@@ -502,10 +582,11 @@ class Trace:
 
 
 def forward(bb: Backbone, images: torch.Tensor, *, attn_from: int, lrp_from: int,
-            grad_from: int) -> Trace:
+            grad_from: int, fast: bool = False) -> Trace:
     """Eval-mode forward pass recording attention from block ``attn_from`` and everything the
     LRP rules need from block ``lrp_from``; autograd tracks blocks from ``grad_from`` on (the
-    input of that block becomes a graph leaf, so nothing below is differentiated)."""
+    input of that block becomes a graph leaf, so nothing below is differentiated).
+    ``fast``: Linear layers in the matmul dtype (only when no LRP rule reads the records)."""
     L = len(bb.blocks)
     with torch.no_grad():
         emb = embed(bb, images)
@@ -515,21 +596,22 @@ def forward(bb: Backbone, images: torch.Tensor, *, attn_from: int, lrp_from: int
         if i == grad_from:
             x = x.detach().requires_grad_(True)
         with torch.set_grad_enabled(i >= grad_from):
-            x, t = block_forward(bb, w, x, keep_attn=i >= attn_from, keep_all=i >= lrp_from)
+            x, t = block_forward(bb, w, x, keep_attn=i >= attn_from, keep_all=i >= lrp_from,
+                                 fast=fast)
         traces.append(t)
     with torch.set_grad_enabled(grad_from < L):
         feats = layer_norm(x, bb.norm)
         p = bb.num_prefix_tokens
         if bb.pool == "token":
             pooled = layer_norm(feats[:, 0], bb.fc_norm)
-            outs = (bb.linear(pooled, bb.head),)
+            outs = (bb.linear(pooled, bb.head, fast),)
             logits = outs[0]
         elif bb.pool == "avg":
             pooled = layer_norm((feats if bb.pool_include_prefix else feats[:, p:]).mean(dim=1), bb.fc_norm)
-            outs = (bb.linear(pooled, bb.head),)
+            outs = (bb.linear(pooled, bb.head, fast),)
             logits = outs[0]
         else:  # distilled: mean of head(class token) and head_dist(distillation token)
             pooled = feats[:, :2]  # timm's distilled head applies no fc_norm
-            outs = (bb.linear(pooled[:, 0], bb.head), bb.linear(pooled[:, 1], bb.head_dist))
+            outs = (bb.linear(pooled[:, 0], bb.head, fast), bb.linear(pooled[:, 1], bb.head_dist, fast))
             logits = (outs[0] + outs[1]) / 2
     return Trace(emb, traces, feats, pooled, outs, logits)

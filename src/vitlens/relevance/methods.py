@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from vitlens.relevance import rules
-from vitlens.relevance.backbone import Backbone, forward, read_backbone, unwrap
+from vitlens.relevance.backbone import Backbone, float32_precision, forward, read_backbone, unwrap
 
 METHODS = (
     "transformer_attribution",
@@ -70,9 +70,14 @@ def explain(model: nn.Module, images: torch.Tensor, method: str = "transformer_a
         images: normalised batch ``(B, 3, H, W)`` on the model's device.
         method: one of ``METHODS``.
         targets: ``None`` (the predicted class), an int, or one class per image.
-        precision: ``None`` (the model's dtype), ``"float64"``, ``"float32"`` (no TF32),
-            ``"tf32"`` (TF32 matmuls on Ampere+ GPUs) or ``"bf16"`` (bfloat16 matmuls,
-            float32 rules).
+        precision: ``None`` (the model's dtype), ``"float64"``, ``"float32"``, ``"tf32"``
+            (TF32 matmuls on Ampere+ GPUs; float32 elsewhere) or ``"bf16"`` (bfloat16
+            matmuls). Float32 means full float32 whatever torch's global TF32 / ``"medium"``
+            matmul setting: those would put transformer_attribution maps 10-140% off. With
+            ``"tf32"`` / ``"bf16"`` the forward pass that the LRP rules read stays in float32
+            and only the rules and the gradient pass round; methods without LRP rules
+            (grad_rollout, rollout, raw_attention, attn_gradcam, random) run their forward
+            pass rounded too, so the explained (predicted) class can differ in near-ties.
         return_logits: return an ``Explanation(relevance, logits, targets)`` instead of the
             map: the logits come from the same forward pass.
         **options: ``start_layer`` (transformer_attribution: 1, rollout: 1, lrp_rollout: 0,
@@ -97,17 +102,17 @@ def explain_many(model: nn.Module, images: torch.Tensor,
     """
     requested = _check_methods(methods)
     vit = unwrap(model)
-    dtype, mm_dtype, fp32_mode = _precision(precision, vit)
+    plan = _precision(precision, vit)
     device = images.device if isinstance(images, torch.Tensor) else None
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch.inference_mode(False))
         stack.enter_context(torch.enable_grad())
         if device is not None and torch.amp.is_autocast_available(device.type):
             stack.enter_context(torch.autocast(device.type, enabled=False))
-        stack.enter_context(_fp32_matmul_precision(fp32_mode))
-        bb = read_backbone(vit, dtype=dtype, mm_dtype=mm_dtype)
+        bb = read_backbone(vit, dtype=plan.dtype, mm_dtype=plan.mm_dtype, rounding=plan.rounding,
+                           tf32=plan.tf32)
         images = _check_images(images, bb, vit)
-        return _run(bb, images, requested, targets)
+        return _run(bb, images, requested, targets, plan)
 
 
 # --------------------------------------------------------------------------------------------
@@ -134,35 +139,30 @@ def _check_methods(methods) -> dict[str, dict]:
     return requested
 
 
-def _precision(precision, vit):
+class _Precision(NamedTuple):
+    """How ``precision`` is carried out (see ``explain``)."""
+
+    dtype: torch.dtype  # the forward's records and the rules' elementwise arithmetic
+    mm_dtype: torch.dtype  # the rules' matmuls (and the Linear layers of a fast forward)
+    rounding: bool  # those matmuls round their inputs: bf16, fp16 or TF32
+    tf32: bool  # the rounding is TF32's (float32 tensors, torch's TF32 switch)
+
+
+def _precision(precision, vit) -> _Precision:
     param = next(vit.parameters())
     if precision is None:
         if param.dtype in (torch.float32, torch.float64):
-            return param.dtype, param.dtype, None
-        return torch.float32, param.dtype, None  # half / bf16 models: their dtype for matmuls
+            return _Precision(param.dtype, param.dtype, False, False)
+        return _Precision(torch.float32, param.dtype, True, False)  # half / bf16 models: their dtype for matmuls
     if precision == "float64":
-        return torch.float64, torch.float64, None
+        return _Precision(torch.float64, torch.float64, False, False)
     if precision == "float32":
-        return torch.float32, torch.float32, "highest"
+        return _Precision(torch.float32, torch.float32, False, False)
     if precision == "tf32":
-        return torch.float32, torch.float32, "high"
+        return _Precision(torch.float32, torch.float32, True, True)
     if precision == "bf16":
-        return torch.float32, torch.bfloat16, None
+        return _Precision(torch.float32, torch.bfloat16, True, False)
     raise ValueError(f"unknown precision {precision!r}; choose None or one of {', '.join(PRECISIONS)}")
-
-
-@contextlib.contextmanager
-def _fp32_matmul_precision(mode):
-    """Set torch's float32 matmul precision for the duration of the call, then restore it."""
-    if mode is None:
-        yield
-        return
-    old = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision(mode)
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(old)
 
 
 def _check_images(images, bb: Backbone, vit) -> torch.Tensor:
@@ -213,7 +213,8 @@ def _targets(targets, logits: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _run(bb: Backbone, images: torch.Tensor, req: dict[str, dict], targets) -> Explanations:
+def _run(bb: Backbone, images: torch.Tensor, req: dict[str, dict], targets,
+         plan: _Precision) -> Explanations:
     L = len(bb.blocks)
     for name, opts in req.items():
         s = opts.get("start_layer")
@@ -230,15 +231,21 @@ def _run(bb: Backbone, images: torch.Tensor, req: dict[str, dict], targets) -> E
                     + ([L - 1] if {"raw_attention", "attn_gradcam"} & req.keys() else []), default=L)
     lrp_from = min(paper_from, plain_from)
 
-    trace = forward(bb, images, attn_from=min(attn_from, lrp_from), lrp_from=lrp_from,
-                    grad_from=grad_from)
+    # The LRP rules read the forward's records as denominators: then the forward runs in full
+    # precision. Without them (attention and gradient methods) it may round like the rules.
+    fast = plan.rounding and lrp_from == L
+    with float32_precision(plan.tf32 and fast):
+        trace = forward(bb, images, attn_from=min(attn_from, lrp_from), lrp_from=lrp_from,
+                        grad_from=grad_from, fast=fast)
     logits = trace.logits.detach()
     t = _targets(targets, logits)
     grads = {}
     if grad_from < L:
         wanted = list(range(grad_from, L))
         selected = trace.logits.gather(1, t[:, None]).sum()
-        dA = torch.autograd.grad(selected, [trace.blocks[i].attn for i in wanted], allow_unused=True)
+        with float32_precision(plan.tf32):
+            dA = torch.autograd.grad(selected, [trace.blocks[i].attn for i in wanted],
+                                     allow_unused=True)
         grads = {i: (torch.zeros_like(trace.blocks[i].attn) if g is None else g)
                  for i, g in zip(wanted, dA)}
         del dA, selected
@@ -256,7 +263,7 @@ def _run(bb: Backbone, images: torch.Tensor, req: dict[str, dict], targets) -> E
             r = r + torch.bmm(r[:, None], M)[:, 0]
         return r
 
-    with torch.no_grad():
+    with torch.no_grad(), float32_precision(plan.tf32):
         for blk in trace.blocks:  # attention matrices are used as values from here on
             if blk.attn is not None:
                 blk.attn = blk.attn.detach()
@@ -284,7 +291,7 @@ def _run(bb: Backbone, images: torch.Tensor, req: dict[str, dict], targets) -> E
         # the head gives relevance to the pooled tokens only: under class-token pooling the top
         # block's relevance pass runs on its first rows only (low-precision matmuls only, so
         # that float32 / float64 maps keep their exact rounding)
-        top_rows = {"token": 1, "distilled": 2}.get(bb.pool) if bb.mm_dtype != bb.dtype else None
+        top_rows = {"token": 1, "distilled": 2}.get(bb.pool) if bb.rounding else None
         if paper_from < L:
             R, readout = rules.head_rule(bb, trace, t)
             r_ta = readout if "transformer_attribution" in req else None
@@ -320,7 +327,8 @@ def _run(bb: Backbone, images: torch.Tensor, req: dict[str, dict], targets) -> E
                 if not full:
                     break
             if "full_lrp" in req:
-                R = rules.patch_embedding_rule(bb, trace, R)  # norm_pre: identity
+                with bb.exact():  # cheap, and its z^B denominators can cancel
+                    R = rules.patch_embedding_rule(bb, trace, R)  # norm_pre: identity
                 H, W = images.shape[-2:]
                 maps["full_lrp"] = R[:, :H, :W]
         if "random" in req:

@@ -38,7 +38,7 @@ def linear_rule(bb: Backbone, layer: Linear, x: torch.Tensor, R: torch.Tensor,
     every product that ``S`` multiplies is 0 (Z is a sum of non-negative terms), so the
     ``sdiv`` mask is not needed. ``plain``: ``S1 = sdiv(R, x+ W+^T)``, ``S2 = sdiv(R, x- W-^T)``.
     """
-    if not plain and bb.mm_dtype != bb.dtype:
+    if not plain and bb.rounding:
         return _linear_rule_lowp(bb, layer, x, R)
     W, Wabs = layer.mm_weight, layer.abs_weight
     if plain:
@@ -151,7 +151,7 @@ def block_rule(bb: Backbone, w: BlockWeights, t: BlockTrace, R: torch.Tensor, *,
     # 3. heads = attn @ v: z-rule to both operands, both halved. The z-rule denominators that
     # can cancel (heads, scores) are the forward's, in the compute dtype. With low-precision
     # matmuls every operand is cast once and the products are taken in the compute dtype.
-    low = bb.mm_dtype != bb.dtype
+    low = bb.rounding
     attn, q = t.attn[:, :, :n], t.q[:, :, :n]
     S = sdiv(R_heads, t.heads[:, :, :n]).mul_(0.5)
     if low:
@@ -173,7 +173,8 @@ def block_rule(bb: Backbone, w: BlockWeights, t: BlockTrace, R: torch.Tensor, *,
         torch.mul(attn.transpose(-2, -1) @ S, t.v, out=R_v)
     del S, R_heads
     # 4. softmax: identity; scores = q @ k^T (the 1/sqrt(d) scale cancels): halved
-    Z = q @ t.k.transpose(-2, -1)
+    with bb.exact():  # the forward's scores (a denominator that can cancel)
+        Z = q @ t.k.transpose(-2, -1)
     zero = Z == 0
     if n < N:
         R_q[:, :, n:] = 0
