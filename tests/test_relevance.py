@@ -11,7 +11,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import VisionTransformer
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from vitlens.relevance import (
     METHODS,
@@ -22,6 +21,7 @@ from vitlens.relevance import (
     heatmap,
 )
 from vitlens.relevance import rules
+from vitlens.profiling import EmulatedTF32, tf32_round
 from vitlens.relevance.backbone import forward, read_backbone
 
 GOLDEN = Path(__file__).parent / "data" / "chefer_vit_tiny_f64.npz"
@@ -306,30 +306,6 @@ def test_random_is_seeded_and_leaves_the_global_rng_alone():
 # ------------------------------------------------------------------------------ precision
 
 
-def _tf32_round(t):
-    """Round float32 values to TF32 (10-bit mantissa), to nearest."""
-    if not isinstance(t, torch.Tensor) or t.dtype != torch.float32:
-        return t
-    return ((t.contiguous().view(torch.int32) + 0x1000) & ~0x1FFF).view(torch.float32)
-
-
-class EmulatedTF32(TorchDispatchMode):
-    """TF32 on a CPU: while torch's switch for CPU matmuls (or convolutions) asks for TF32,
-    round the float32 inputs of every matmul (convolution) to TF32, as an Ampere+ GPU does.
-    CPUs ignore the switch, so without this a test of TF32 handling could not fail here."""
-
-    MM = {torch.ops.aten.mm.default: (0, 1), torch.ops.aten.bmm.default: (0, 1),
-          torch.ops.aten.addmm.default: (1, 2), torch.ops.aten.baddbmm.default: (1, 2)}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func in self.MM and torch.backends.mkldnn.matmul.fp32_precision == "tf32":
-            args = tuple(_tf32_round(a) if i in self.MM[func] else a for i, a in enumerate(args))
-        if func is torch.ops.aten.convolution.default and torch.backends.mkldnn.conv.fp32_precision == "tf32":
-            args = (_tf32_round(args[0]), _tf32_round(args[1]), *args[2:])
-        return func(*args, **kwargs)
-
-
 needs_fp32_switches = pytest.mark.skipif(
     not hasattr(torch.backends.mkldnn, "matmul"), reason="torch < 2.9 has no per-backend fp32_precision"
 )
@@ -358,7 +334,7 @@ def test_tf32_emulation_rounds_matmuls_only_when_asked():
         finally:
             torch.backends.mkldnn.matmul.fp32_precision = "none"
     assert torch.equal(exact, a @ b) and not torch.equal(rounded, exact)
-    assert torch.equal(rounded, _tf32_round(a) @ _tf32_round(b))
+    assert torch.equal(rounded, tf32_round(a) @ tf32_round(b))
 
 
 LRP_METHODS = ["transformer_attribution", "lrp_rollout", "partial_lrp"]

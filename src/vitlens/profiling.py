@@ -1,4 +1,4 @@
-"""Device-independent cost accounting: peak tensor memory and FLOPs of a piece of code.
+"""Device-free stand-ins for GPU measurements: peak tensor memory, and TF32 numerics.
 
 ``TensorMemory`` counts the bytes of every tensor storage created inside it and still alive,
 and keeps the peak. Run on the ``meta`` device (no data, no compute) it predicts what
@@ -12,6 +12,10 @@ raise there.
     with TensorMemory() as mem:
         explain(model.to("meta"), torch.empty(64, 3, 224, 224, device="meta"))
     print(mem.peak_bytes / 2**30, "GiB")
+
+``EmulatedTF32`` makes a CPU round float32 matmuls and convolutions to TF32 whenever torch's
+switch asks for TF32, as an Ampere+ GPU does (CPUs ignore the switch), so code that must or
+must not run in TF32 can be tested without a GPU.
 """
 from __future__ import annotations
 
@@ -57,3 +61,30 @@ class TensorMemory(TorchDispatchMode):
             self.current_bytes += nbytes
             self.peak_bytes = max(self.peak_bytes, self.current_bytes)
         return out
+
+
+def tf32_round(t):
+    """``t`` with float32 values rounded to TF32 (10-bit mantissa, to nearest); other values
+    and dtypes unchanged."""
+    if not isinstance(t, torch.Tensor) or t.dtype != torch.float32:
+        return t
+    return ((t.contiguous().view(torch.int32) + 0x1000) & ~0x1FFF).view(torch.float32)
+
+
+class EmulatedTF32(TorchDispatchMode):
+    """While torch's switch for CPU matmuls (``torch.backends.mkldnn.matmul.fp32_precision``,
+    set by ``torch.set_float32_matmul_precision("high")``) or convolutions
+    (``mkldnn.conv.fp32_precision``) says ``"tf32"``, round the float32 inputs of every
+    matmul (convolution) to TF32 (needs torch >= 2.9)."""
+
+    _MM = {torch.ops.aten.mm.default: (0, 1), torch.ops.aten.bmm.default: (0, 1),
+           torch.ops.aten.addmm.default: (1, 2), torch.ops.aten.baddbmm.default: (1, 2)}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self._MM and torch.backends.mkldnn.matmul.fp32_precision == "tf32":
+            args = tuple(tf32_round(a) if i in self._MM[func] else a for i, a in enumerate(args))
+        elif (func is torch.ops.aten.convolution.default
+              and torch.backends.mkldnn.conv.fp32_precision == "tf32"):
+            args = (tf32_round(args[0]), tf32_round(args[1]), *args[2:])
+        return func(*args, **kwargs)

@@ -490,9 +490,11 @@ class BlockTrace:
 
 
 def block_forward(bb: Backbone, w: BlockWeights, x: torch.Tensor, *, keep_attn: bool,
-                  keep_all: bool, fast: bool = False) -> tuple[torch.Tensor, BlockTrace]:
+                  keep_all: bool, fast: bool = False,
+                  compact: bool = False) -> tuple[torch.Tensor, BlockTrace]:
     """timm ``Block.forward`` in eval mode. Fused attention unless the matrix is kept.
-    ``fast``: Linear layers in the matmul dtype (see ``Backbone.linear``)."""
+    ``fast``: Linear layers in the matmul dtype (see ``Backbone.linear``); ``compact``: see
+    ``_record``."""
     B, N, _ = x.shape
     t = BlockTrace()
     h1 = layer_norm(x, w.norm1)
@@ -520,18 +522,21 @@ def block_forward(bb: Backbone, w: BlockWeights, x: torch.Tensor, *, keep_attn: 
     m = f2 if w.ls2 is None else f2 * w.ls2
     x_out = x_mid + m
     if keep_all:
-        _record(bb, w, t, x=x, h1=h1, qkv=qkv, q=q, k=k, v=v, heads=heads, o=o, proj=proj, a=a,
+        _record(bb, w, t, compact, x=x, h1=h1, qkv=qkv, q=q, k=k, v=v, heads=heads, o=o, proj=proj, a=a,
                 x_mid=x_mid, h2=h2, f1=f1, g=g, f2=f2, m=m, x_out=x_out)
     return x_out, t
 
 
-def _record(bb: Backbone, w: BlockWeights, t: BlockTrace, **r: torch.Tensor) -> None:
+def _record(bb: Backbone, w: BlockWeights, t: BlockTrace, compact: bool,
+            **r: torch.Tensor) -> None:
     """Keep what the relevance rules read, and no more (memory: ViT-B/16 at batch 64 keeps
     ~0.6 GiB per block).
 
-    - The inputs of the Linear layers (h1, o, h2, g) are read only by the Linear rule. With
-      low-precision matmuls that rule casts them first, so they are kept cast (half the size,
-      the same maps).
+    - The inputs of the Linear layers (h1, o, h2, g) are read only by the Linear rules. With
+      ``compact`` (bf16 matmuls and only the paper's rules to run) they are kept cast to the
+      matmul dtype: the paper's low-precision Linear rule casts them first anyway, so the maps
+      are the same at half the size. The plain rules (partial/full LRP) multiply by them in
+      float32 and lose accuracy when they are rounded (partial_lrp 4.6% -> 9.8% off float64).
     - The Linear outputs are the float32/float64 Linear rule's denominators. With
       low-precision matmuls that rule rebuilds its denominators, so qkv and f1 are dropped
       (autograd frees f1 after the gradient pass). Without q/k norm the qkv output is q, k, v,
@@ -540,13 +545,13 @@ def _record(bb: Backbone, w: BlockWeights, t: BlockTrace, **r: torch.Tensor) -> 
       rearranged).
     """
     low = bb.rounding
-    cast = (lambda a: a.to(bb.mm_dtype)) if low else (lambda a: a)
+    cast = (lambda a: a.to(bb.mm_dtype)) if compact else (lambda a: a)
     t.x, t.q, t.k, t.v, t.a, t.x_mid, t.m, t.x_out = (
         r["x"], r["q"], r["k"], r["v"], r["a"], r["x_mid"], r["m"], r["x_out"])
     t.proj, t.f2 = r["proj"], r["f2"]  # the same tensors as a and m without LayerScale
     t.h1, t.h2, t.g = cast(r["h1"]), cast(r["h2"]), cast(r["g"])
     o, heads = r["o"], r["heads"]
-    if low or w.attn_norm is not None:
+    if compact or w.attn_norm is not None:
         t.o, t.heads = cast(o), heads
     else:
         B, H, N, d = heads.shape
@@ -582,11 +587,12 @@ class Trace:
 
 
 def forward(bb: Backbone, images: torch.Tensor, *, attn_from: int, lrp_from: int,
-            grad_from: int, fast: bool = False) -> Trace:
+            grad_from: int, fast: bool = False, compact: bool = False) -> Trace:
     """Eval-mode forward pass recording attention from block ``attn_from`` and everything the
     LRP rules need from block ``lrp_from``; autograd tracks blocks from ``grad_from`` on (the
     input of that block becomes a graph leaf, so nothing below is differentiated).
-    ``fast``: Linear layers in the matmul dtype (only when no LRP rule reads the records)."""
+    ``fast``: Linear layers in the matmul dtype (only when no LRP rule reads the records);
+    ``compact``: Linear inputs recorded in the matmul dtype (see ``_record``)."""
     L = len(bb.blocks)
     with torch.no_grad():
         emb = embed(bb, images)
@@ -597,7 +603,7 @@ def forward(bb: Backbone, images: torch.Tensor, *, attn_from: int, lrp_from: int
             x = x.detach().requires_grad_(True)
         with torch.set_grad_enabled(i >= grad_from):
             x, t = block_forward(bb, w, x, keep_attn=i >= attn_from, keep_all=i >= lrp_from,
-                                 fast=fast)
+                                 fast=fast, compact=compact)
         traces.append(t)
     with torch.set_grad_enabled(grad_from < L):
         feats = layer_norm(x, bb.norm)

@@ -236,7 +236,8 @@ def _run(bb: Backbone, images: torch.Tensor, req: dict[str, dict], targets,
     fast = plan.rounding and lrp_from == L
     with float32_precision(plan.tf32 and fast):
         trace = forward(bb, images, attn_from=min(attn_from, lrp_from), lrp_from=lrp_from,
-                        grad_from=grad_from, fast=fast)
+                        grad_from=grad_from, fast=fast,
+                        compact=bb.mm_dtype != bb.dtype and plain_from == L)
     logits = trace.logits.detach()
     t = _targets(targets, logits)
     grads = {}
