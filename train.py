@@ -24,9 +24,10 @@ from pathlib import Path
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar  # noqa: E402
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint  # noqa: E402
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback  # noqa: E402
 
+from vitlens.callbacks import progress_bar  # noqa: E402
 from vitlens.data import ImageDataModule  # noqa: E402
 from vitlens.models import ViTClassifier  # noqa: E402
 
@@ -42,6 +43,23 @@ def with_default_config(argv: list[str]) -> list[str]:
     if any(a in ("-c", "--config") or a.startswith("--config=") for a in argv[1:]):
         return argv
     return [argv[0], "--config", str(DEFAULT_CONFIG), *argv[1:]]
+
+
+class LearningRateLog(LearningRateMonitor):
+    """LearningRateMonitor that stands aside when the run has no logger
+    (``--trainer.logger false``) instead of failing at the start of training."""
+
+    def on_train_start(self, trainer, *args, **kwargs) -> None:
+        if trainer.loggers:
+            super().on_train_start(trainer, *args, **kwargs)
+
+    def on_train_batch_start(self, trainer, *args, **kwargs) -> None:
+        if trainer.loggers:
+            super().on_train_batch_start(trainer, *args, **kwargs)
+
+    def on_train_epoch_start(self, trainer, *args, **kwargs) -> None:
+        if trainer.loggers:
+            super().on_train_epoch_start(trainer, *args, **kwargs)
 
 
 class SaveConfigWithCheckpoints(SaveConfigCallback):
@@ -112,7 +130,8 @@ def main(argv: list[str] | None = None) -> VitlensCLI:
         save_config_callback=SaveConfigWithCheckpoints,
         save_config_kwargs={"overwrite": True},
         trainer_defaults={
-            "callbacks": [LearningRateMonitor(logging_interval="step"), RichProgressBar()],
+            # Rich on a terminal, whole lines in log files (SLURM, CI, | tee)
+            "callbacks": [LearningRateLog(logging_interval="step"), progress_bar()],
             "logger": {
                 "class_path": "lightning.pytorch.loggers.WandbLogger",
                 "init_args": {"project": "vitlens", "save_dir": ".", "offline": True},

@@ -104,7 +104,15 @@ def test_fit_validate_and_class_mismatch_via_subprocess(tiny_dataset_dir, tmp_pa
     from vitlens.models import load_classifier
 
     tiny = _tiny_config(tmp_path, tiny_dataset_dir)
-    _run(["fit", "-c", str(REPO / "configs/toybirds.yaml"), "-c", str(tiny), "--trainer.max_steps", "8"], cwd=tmp_path)
+    proc = _run(["fit", "-c", str(REPO / "configs/toybirds.yaml"), "-c", str(tiny), "--trainer.max_steps", "8"],
+                cwd=tmp_path)
+    # stdout is a pipe, not a terminal: whole progress lines, one per batch here (4 per epoch)
+    lines = proc.stdout.splitlines()
+    train_lines = [ln for ln in lines if ln.startswith("epoch ") and " batch " in ln]
+    assert [ln.split("  ")[1] for ln in train_lines] == ["batch 1/4", "batch 2/4", "batch 3/4", "batch 4/4"] * 2
+    assert all("img/s" in ln and "train/loss" in ln for ln in train_lines), train_lines
+    val_lines = [ln for ln in lines if " validation " in ln]
+    assert len(val_lines) == 2 and all("val/acc " in ln for ln in val_lines), val_lines
 
     runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1  # W&B offline, under ./wandb
