@@ -230,6 +230,19 @@ def test_resume_keeps_the_probe_set(tiny_dataset_dir, tmp_path):
     assert resumed.class_names == list(TINY_CLASSES)
 
 
+def test_two_callbacks_keep_their_own_state(tiny_dataset_dir, tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    a = ExplanationCallback(methods=["grad_rollout"], num_samples=2, perturbation_samples=0, seed=1)
+    b = ExplanationCallback(methods=["rollout"], num_samples=2, perturbation_samples=0, seed=2)
+    _fit(tiny_dataset_dir, tmp_path, callbacks=[a, b, ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)],
+         max_epochs=1, enable_checkpointing=True)
+    assert a.sample_indices != b.sample_indices  # different seeds, different probe sets
+    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=False)["callbacks"]
+    assert saved[a.state_key]["sample_indices"] == a.sample_indices
+    assert saved[b.state_key]["sample_indices"] == b.sample_indices
+
+
 # --------------------------------------------------------------------------- other loggers
 def test_tensorboard_and_csv_get_images_and_scores(tiny_dataset_dir, tmp_path):
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger

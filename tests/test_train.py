@@ -175,3 +175,12 @@ def test_last_checkpoint_is_the_final_epoch_even_when_not_the_best(tiny_dataset_
     # with lr 0 the weights never change, so val/acc never improves after the first epoch
     assert len(best) == 1 and torch.load(best[0], map_location="cpu", weights_only=False)["global_step"] == 4
     assert torch.load(folder / "last.ckpt", map_location="cpu", weights_only=False)["global_step"] == 8
+
+
+def test_fit_without_a_logger(tiny_dataset_dir, tmp_path, capsys):
+    """--trainer.logger false: the learning-rate monitor stands aside (Lightning's raises)."""
+    tiny = _tiny_config(tmp_path, tiny_dataset_dir)
+    train.main(["fit", "-c", str(REPO / "configs/toybirds.yaml"), "-c", str(tiny), "--trainer.logger", "false",
+                "--trainer.default_root_dir", str(tmp_path), "--trainer.max_steps", "2"])
+    assert "epoch 1/" in capsys.readouterr().out  # pytest's captured stdout is not a terminal
+    assert list(tmp_path.rglob("last.ckpt"))

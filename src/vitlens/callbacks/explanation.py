@@ -147,6 +147,13 @@ class ExplanationCallback(Callback):
 
     # ------------------------------------------------------------------ state
     @property
+    def state_key(self) -> str:
+        """One checkpoint entry per set of methods, so that two callbacks (say, one for
+        transformer_attribution every epoch, one for full_lrp every 5) keep their own state.
+        The seed is not part of it: a resume keeps the checkpoint's probe set."""
+        return self._generate_state_key(methods=self.methods)
+
+    @property
     def probe_indices(self) -> list[int]:
         """Dataset indices of the probe set (empty before fitting starts)."""
         return list((self.sample_indices or [])[: self.num_samples])
