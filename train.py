@@ -68,9 +68,12 @@ class SaveConfigWithCheckpoints(SaveConfigCallback):
     def setup(self, trainer, pl_module, stage: str) -> None:
         if self.already_saved:
             return
+        checkpoint = trainer.checkpoint_callback
+        # on every rank: under DDP `trainer.log_dir` is a broadcast, and asking for it on rank 0
+        # alone hung `validate`/`test` with a logger (rank 0 waited in a collective that the
+        # others had passed)
+        folder = checkpoint.dirpath if checkpoint is not None and checkpoint.dirpath else trainer.log_dir
         if trainer.is_global_zero:
-            checkpoint = trainer.checkpoint_callback
-            folder = checkpoint.dirpath if checkpoint is not None and checkpoint.dirpath else trainer.log_dir
             folder = Path(folder or trainer.default_root_dir)
             folder.mkdir(parents=True, exist_ok=True)
             self.parser.save(self.config, str(folder / self.config_filename), skip_none=False, overwrite=True,

@@ -164,6 +164,39 @@ def test_ddp_fit_two_cpu_processes(tiny_dataset_dir, tmp_path):
     assert checkpoint["global_step"] == 2 * (checkpoint["epoch"] + 1)
 
 
+@pytest.mark.slow
+def test_ddp_validation_counts_every_image_once(tiny_dataset_dir, tmp_path):
+    """15 validation images on 2 processes: Lightning's DistributedSampler would pad to 16 and
+    count one image twice; the data module's unpadded sampler gives the single-process value."""
+    import csv
+    import shutil
+
+    data = tmp_path / "toybirds"
+    shutil.copytree(tiny_dataset_dir, data)
+    manifest = data / "manifest.csv"
+    rows = manifest.read_text().splitlines()
+    val_rows = [i for i, row in enumerate(rows) if ",val," in row]
+    manifest.write_text("\n".join(r for i, r in enumerate(rows) if i != val_rows[-1]) + "\n")
+    tiny = _tiny_config(tmp_path, data)
+    _run(["fit", "-c", str(REPO / "configs/toybirds.yaml"), "-c", str(tiny), "--trainer.max_steps", "3",
+          "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path)], cwd=tmp_path)
+    (ckpt,) = tmp_path.rglob("last.ckpt")
+
+    def val_acc(*extra: str) -> float:
+        out = tmp_path / f"csv{len(extra)}"
+        _run(["validate", "-c", str(tiny), *extra, "--ckpt_path", str(ckpt),
+              "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir", str(out)],
+             cwd=tmp_path)
+        (metrics,) = out.rglob("metrics.csv")
+        with open(metrics) as f:
+            return float(next(row["val/acc"] for row in csv.DictReader(f) if row.get("val/acc")))
+
+    single = val_acc()
+    ddp = val_acc("-c", str(REPO / "configs/trainer/ddp.yaml"), "--trainer.devices", "2")
+    assert single * 15 == pytest.approx(round(single * 15))  # 15 images were scored
+    assert ddp == pytest.approx(single, abs=1e-6)
+
+
 def test_last_checkpoint_is_the_final_epoch_even_when_not_the_best(tiny_dataset_dir, tmp_path):
     """Lightning 2.6 writes last.ckpt only beside a new top-k checkpoint; train.py keeps it current."""
     tiny = _tiny_config(tmp_path, tiny_dataset_dir)

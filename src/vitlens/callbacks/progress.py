@@ -14,6 +14,7 @@ from typing import Any
 
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
+from lightning.pytorch.trainer.states import TrainerFn
 
 
 def progress_bar(stream=None) -> ProgressBar:
@@ -103,7 +104,8 @@ class LineProgress(ProgressBar):
             return
         # scalar validation metrics, not the per-class ones (200 of them on CUB)
         metrics = {k: v for k, v in trainer.callback_metrics.items() if k.startswith("val") and k.count("/") <= 1}
-        parts = [f"epoch {self._epochs(trainer)} validation"]
+        fitting = trainer.state.fn == TrainerFn.FITTING
+        parts = [f"epoch {self._epochs(trainer)} validation" if fitting else "validation"]
         parts += [f"{k} {_fmt(float(v))}" for k, v in sorted(metrics.items()) if getattr(v, "numel", lambda: 1)() == 1]
         self.print("  ".join(parts))
 

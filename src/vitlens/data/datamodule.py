@@ -216,10 +216,19 @@ class ImageDataModule(L.LightningDataModule):
         workers = self.num_workers
         # a fresh order each epoch even when Lightning rebuilds the loaders every epoch
         epoch = self.trainer.current_epoch if getattr(self, "trainer", None) is not None else 0
+        sampler = None
+        if not train and _world_size() > 1:
+            # Lightning's DistributedSampler pads evaluation splits to a multiple of the world
+            # size, so a few images would count twice in val/test metrics; this one does not
+            # pad (ranks may run one batch fewer: the eval step has no collectives).
+            from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+
+            sampler = UnrepeatedDistributedSampler(dataset, shuffle=False)
         return DataLoader(
             dataset,
             batch_size=self.batch_size if train else self.eval_batch_size,
             shuffle=train,
+            sampler=sampler,
             drop_last=train,
             num_workers=workers,
             pin_memory=self.hparams.pin_memory,
@@ -238,3 +247,9 @@ class ImageDataModule(L.LightningDataModule):
 
     def __repr__(self) -> str:
         return f"ImageDataModule(path={self.path!r}, {self.num_classes} classes, image_size={self.image_size})"
+
+
+def _world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1

@@ -97,6 +97,12 @@ class ViTClassifier(L.LightningModule):
         self.model = create_backbone(backbone, len(names), **kwargs)
         grid_img = tuple(self.model.patch_embed.img_size)
         self.save_hyperparameters()
+        # LightningCLI records the raw arguments it was given, not the locals above: with
+        # `validate --ckpt_path` it passes the checkpoint's resolved mean/std, and Lightning
+        # then refused to log (the data module says None). Record the normalised values.
+        for key, value in (("mean", mean), ("std", std)):
+            if key in self._hparams_initial:
+                self._hparams_initial[key] = value
         # resolved values, so a checkpoint rebuilds the same model without data
         self.hparams["class_names"] = names
         self.hparams["num_classes"] = len(names)
