@@ -69,10 +69,11 @@ class SaveConfigWithCheckpoints(SaveConfigCallback):
         if self.already_saved:
             return
         checkpoint = trainer.checkpoint_callback
-        # on every rank: under DDP `trainer.log_dir` is a broadcast, and asking for it on rank 0
-        # alone hung `validate`/`test` with a logger (rank 0 waited in a collective that the
-        # others had passed)
-        folder = checkpoint.dirpath if checkpoint is not None and checkpoint.dirpath else trainer.log_dir
+        # asked on every rank, unconditionally: under DDP `trainer.log_dir` is a broadcast, and
+        # asking for it on some ranks only (rank 0; or where the checkpoint folder is not yet
+        # known, which differs between ranks in `fit`) hung the run in that collective
+        log_dir = trainer.log_dir
+        folder = checkpoint.dirpath if checkpoint is not None and checkpoint.dirpath else log_dir
         if trainer.is_global_zero:
             folder = Path(folder or trainer.default_root_dir)
             folder.mkdir(parents=True, exist_ok=True)

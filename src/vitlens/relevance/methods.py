@@ -333,7 +333,13 @@ def _run(bb: Backbone, images: torch.Tensor, req: dict[str, dict], targets,
                 H, W = images.shape[-2:]
                 maps["full_lrp"] = R[:, :H, :W]
         if "random" in req:
-            g = torch.Generator(device="cpu").manual_seed(int(req["random"]["seed"]))
-            maps["random"] = torch.rand((B, gh, gw), generator=g, dtype=bb.dtype).to(images.device)
+            # drawn on the images' device (a host-to-GPU copy would synchronise), so the same
+            # seed gives different noise on CPU and GPU; a meta device has no generator
+            dev = images.device
+            if dev.type == "meta":
+                maps["random"] = torch.empty((B, gh, gw), dtype=bb.dtype, device=dev)
+            else:
+                g = torch.Generator(device=dev).manual_seed(int(req["random"]["seed"]))
+                maps["random"] = torch.rand((B, gh, gw), generator=g, dtype=bb.dtype, device=dev)
     ordered = {m: maps[m].detach() for m in req}
     return Explanations(ordered, logits, t)
