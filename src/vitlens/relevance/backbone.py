@@ -187,42 +187,24 @@ class Backbone:
     # gradients of the Linear layers in the gradient pass (``_LinearLowpGrad``) and, with
     # ``fast=True`` (no LRP rule reads the records), to the forward's Linear layers too.
     def linear(self, x: torch.Tensor, layer: Linear, fast: bool = False) -> torch.Tensor:
-        if self.mm_dtype != self.dtype:
-            if fast:
-                return _LinearLowp.apply(x, layer.bias, layer.mm_weight)
-            if x.requires_grad and torch.is_grad_enabled():
-                return _LinearLowpGrad.apply(x, layer.weight, layer.bias, layer.mm_weight)
+        if self.mm_dtype != self.dtype and (fast or (x.requires_grad and torch.is_grad_enabled())):
+            return _LinearLowpGrad.apply(x, layer.weight, layer.bias, layer.mm_weight, fast)
         return F.linear(x, layer.weight, layer.bias)
 
     def mm(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return a @ b
 
 
-class _LinearLowp(torch.autograd.Function):
-    """``F.linear`` with its matmuls (forward and input gradient) in the matmul dtype; the
-    output, bias add and gradient stay in the compute dtype."""
+class _LinearLowpGrad(torch.autograd.Function):
+    """``F.linear`` whose input gradient ``g W`` runs in the matmul dtype; with ``fast`` the
+    forward matmul does too (the output and the bias add stay in the compute dtype)."""
 
     @staticmethod
-    def forward(x, bias, mm_weight):
+    def forward(x, weight, bias, mm_weight, fast):
+        if not fast:
+            return F.linear(x, weight, bias)
         y = (x.to(mm_weight.dtype) @ mm_weight.T).to(x.dtype)
         return y if bias is None else y.add_(bias)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.mm_weight = inputs[2]
-
-    @staticmethod
-    def backward(ctx, g):
-        w = ctx.mm_weight
-        return (g.to(w.dtype) @ w).to(g.dtype), None, None
-
-
-class _LinearLowpGrad(torch.autograd.Function):
-    """``F.linear`` in the compute dtype whose input gradient ``g W`` runs in the matmul dtype."""
-
-    @staticmethod
-    def forward(x, weight, bias, mm_weight):
-        return F.linear(x, weight, bias)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -231,7 +213,7 @@ class _LinearLowpGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         w = ctx.mm_weight
-        return (g.to(w.dtype) @ w).to(g.dtype), None, None, None
+        return (g.to(w.dtype) @ w).to(g.dtype), None, None, None, None
 
 
 def _norm(module: nn.Module, where: str, dtype) -> Norm | None:
