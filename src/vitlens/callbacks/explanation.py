@@ -85,7 +85,9 @@ class ExplanationCallback(Callback):
         perturbation_samples: validation images in the perturbation test (0 switches it off).
         batch_size: images per ``explain_many`` call (bounds memory of the relevance pass).
         perturbation_batch_size: perturbed images per model call in the perturbation test.
-        precision: ``explain``'s precision (None: the model's dtype; ``"bf16"`` is fastest on GPUs).
+        precision: ``explain``'s precision (None: the model's dtype, in full float32 for a
+            float32 model even when the trainer enables TF32; ``"bf16"`` is fastest on GPUs
+            and stays within 1e-2 of float64 for transformer_attribution).
         include_random: also score the ``random`` control, the chance level of every metric.
         strict: re-raise errors instead of warning and switching off (for tests).
         log_table: log the W&B table ``explain/table`` (one row per epoch and probe sample).
