@@ -19,10 +19,8 @@ import argparse
 import contextlib
 import glob
 
-import numpy as np
 import timm
 import torch
-from PIL import Image
 
 from vitlens.profiling import EmulatedTF32
 from vitlens.relevance import METHODS, explain_many
@@ -41,7 +39,7 @@ def pearson_min(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def load(args, device):
     if args.checkpoint:
-        from vitlens.data.normalization import normalize
+        from vitlens.data import eval_transform, read_image
         from vitlens.models import load_classifier
 
         model = load_classifier(args.checkpoint, map_location="cpu").eval()
@@ -49,10 +47,10 @@ def load(args, device):
         if not files:
             raise SystemExit(f"--images {args.images!r} matches no file")
         files = files[:: max(1, len(files) // args.batch_size)][: args.batch_size]
-        h, w = model.model.patch_embed.img_size
-        images = torch.stack([torch.from_numpy(np.array(Image.open(f).convert("RGB").resize((w, h))))
-                              .permute(2, 0, 1).float() / 255 for f in files])
-        images = normalize(images, model.mean, model.std)
+        # the model's own eval pipeline, as explain.py uses it
+        transform = eval_transform(model.model.patch_embed.img_size[0], model.mean, model.std, "resize", boxes=False)
+        images = torch.stack([torch.from_numpy(transform(image=read_image(f))["image"]).permute(2, 0, 1)
+                              for f in files])
         name = f"{args.checkpoint} on {len(files)} images"
     else:
         torch.manual_seed(0)
