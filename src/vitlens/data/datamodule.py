@@ -215,9 +215,10 @@ class ImageDataModule(L.LightningDataModule):
             raise DataError(f"{self.path} has no {split} split")
         workers = self.num_workers
         # a fresh order each epoch even when Lightning rebuilds the loaders every epoch
-        epoch = self.trainer.current_epoch if getattr(self, "trainer", None) is not None else 0
+        trainer = getattr(self, "trainer", None)
+        epoch = trainer.current_epoch if trainer is not None else 0
         sampler = None
-        if not train and _world_size() > 1:
+        if not train and trainer is not None and trainer.world_size > 1:
             # Lightning's DistributedSampler pads evaluation splits to a multiple of the world
             # size, so a few images would count twice in val/test metrics; this one does not
             # pad (ranks may run one batch fewer: the eval step has no collectives).
@@ -247,9 +248,3 @@ class ImageDataModule(L.LightningDataModule):
 
     def __repr__(self) -> str:
         return f"ImageDataModule(path={self.path!r}, {self.num_classes} classes, image_size={self.image_size})"
-
-
-def _world_size() -> int:
-    import torch.distributed as dist
-
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
