@@ -27,6 +27,7 @@ from vitlens.relevance.forward import forward
 
 GOLDEN = Path(__file__).parent / "data" / "chefer_vit_tiny_f64.npz"
 DETERMINISTIC = [m for m in METHODS if m != "random"]
+PIXEL = ("full_lrp", "attnlrp", "cp_lrp")  # methods whose maps are (B, H, W)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -145,7 +146,7 @@ def test_model_layouts_give_finite_maps_and_the_models_logits(name):
     grid = (size[0] // 8, size[1] // 8)
     assert torch.allclose(out.logits, model(x), rtol=0, atol=1e-12)
     for m, r in out.maps.items():
-        assert r.shape == ((3, *size) if m == "full_lrp" else (3, *grid)), m
+        assert r.shape == ((3, *size) if m in PIXEL else (3, *grid)), m
         assert torch.isfinite(r).all(), m
         assert m == "attn_gradcam" or r.abs().sum() > 0, m  # gradcam may be all 0 (ReLU)
     # the readout weights conserve relevance (they sum to 1) and sit on the pooled tokens

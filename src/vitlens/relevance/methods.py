@@ -14,7 +14,7 @@ from typing import Mapping, NamedTuple, Sequence
 import torch
 import torch.nn as nn
 
-from vitlens.relevance import rules
+from vitlens.relevance import lrp_gradient, rules
 from vitlens.relevance import families
 from vitlens.relevance.forward import forward
 from vitlens.relevance.precision import PRECISIONS, Precision, float32_precision, plan as precision_plan
@@ -29,6 +29,8 @@ METHODS = (
     "partial_lrp",
     "full_lrp",
     "lrp_rollout",
+    "attnlrp",
+    "cp_lrp",
     "random",
 )
 
@@ -39,7 +41,13 @@ _OPTIONS = {
     "rollout": {"start_layer": 1},
     "lrp_rollout": {"start_layer": 0},
     "random": {"seed": 0},
+    "attnlrp": {"gamma_linear": 0.05, "gamma_conv": 0.25, "resolution": "pixel"},
+    "cp_lrp": {"gamma_linear": 0.05, "gamma_conv": 0.25, "resolution": "pixel"},
 }
+
+# methods that are one Gradient x Input pass of a rule set (``lrp_gradient.RULE_SETS``):
+# method name -> rule set name
+_GRADIENT_FORM = {"attnlrp": "attnlrp", "cp_lrp": "cp_lrp"}
 
 
 class Explanation(NamedTuple):
@@ -63,7 +71,9 @@ def explain(model: nn.Module, images: torch.Tensor, method: str = "transformer_a
             targets=None, *, precision: str | None = None, return_logits: bool = False,
             **options):
     """Relevance of every patch for the explained class, ``(B, grid_h, grid_w)`` raw values
-    (``full_lrp``: pixel level, ``(B, H, W)``).
+    (``full_lrp``, ``attnlrp``, ``cp_lrp``: pixel level, ``(B, H, W)``, summed over colour
+    channels; ``attnlrp`` / ``cp_lrp`` with ``resolution="patch"``: the sum over each patch,
+    ``lrp_gradient.patch_grid``).
 
     Args:
         model: a timm VisionTransformer (ViT, DeiT incl. distilled, MAE-style average pooling,
@@ -82,7 +92,8 @@ def explain(model: nn.Module, images: torch.Tensor, method: str = "transformer_a
         return_logits: return an ``Explanation(relevance, logits, targets)`` instead of the
             map: the logits come from the same forward pass.
         **options: ``start_layer`` (transformer_attribution: 1, rollout: 1, lrp_rollout: 0,
-            grad_rollout: 0), ``seed`` (random: 0).
+            grad_rollout: 0), ``seed`` (random: 0), ``gamma_linear`` (0.05), ``gamma_conv``
+            (0.25) and ``resolution`` (``"pixel"`` | ``"patch"``) for attnlrp / cp_lrp.
 
     The model is left exactly as found (modes, flags, hooks, gradients); works under
     ``torch.no_grad()`` and ``torch.inference_mode()``.
@@ -190,6 +201,37 @@ def _targets(targets, logits: torch.Tensor) -> torch.Tensor:
 
 def _run(bb: Backbone, images: torch.Tensor, req: dict[str, dict], targets,
          plan: Precision) -> Explanations:
+    """The recorded pass for the record-reading methods, then one Gradient x Input pass per
+    rule-set method (its own forward/backward: the rules live in the backward)."""
+    grad_form = {m: o for m, o in req.items() if m in _GRADIENT_FORM}
+    for name, o in grad_form.items():
+        if o["resolution"] not in ("pixel", "patch"):
+            raise ValueError(f"{name}: resolution must be 'pixel' or 'patch', got {o['resolution']!r}")
+        for g in ("gamma_linear", "gamma_conv"):
+            if not isinstance(o[g], numbers.Real) or o[g] < 0:
+                raise ValueError(f"{name}: {g} must be a number >= 0, got {o[g]!r}")
+    rest = {m: o for m, o in req.items() if m not in grad_form}
+    maps, logits, t = {}, None, None
+    if rest:
+        out = _run_records(bb, images, rest, targets, plan)
+        maps, logits, t = dict(out.maps), out.logits, out.targets
+    with float32_precision(False):
+        for name, o in grad_form.items():
+            fixed = t
+            r, lg, tt = lrp_gradient.relevance(
+                bb, _GRADIENT_FORM[name], images,
+                (lambda l: _targets(targets, l)) if fixed is None else (lambda l: fixed),
+                gamma_linear=float(o["gamma_linear"]), gamma_conv=float(o["gamma_conv"]))
+            if logits is None:
+                logits, t = lg, tt
+            H, W = images.shape[-2:]
+            r = r[:, :H, :W]
+            maps[name] = lrp_gradient.patch_grid(r, bb.patch_size) if o["resolution"] == "patch" else r
+    return Explanations({m: maps[m].detach() for m in req}, logits, t)
+
+
+def _run_records(bb: Backbone, images: torch.Tensor, req: dict[str, dict], targets,
+                 plan: Precision) -> Explanations:
     L = len(bb.blocks)
     for name, opts in req.items():
         s = opts.get("start_layer")
