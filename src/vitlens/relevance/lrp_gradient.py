@@ -45,18 +45,21 @@ def _gamma_backward(g, x, y, a, gamma, back, back_abs):
     = (1 + gamma/2) x (S W) + gamma/2 |x| (D |W|)`` with ``S = S+ + S-``, ``D = S+ - S-``
     (two matmuls instead of eight). The relevance at the output is ``g y``; the gradient
     returned is ``R_x / (x +- 1e-10)`` (LXT's patched zennit hook)."""
-    R = g * y
+    # sign(z) = sign(y) where y != 0 (a >= 0), so zennit's stabilised denominator is
+    # z + s eps with s = sign0(y); where y == 0 the numerator g y is 0 (no branch: no relevance)
+    s = _sign0(y)
+    den = s * ZENNIT_EPS
     if gamma == 0:
-        z = y
+        den.add_(y)
     else:
-        z = torch.where(y > 0, (2 + gamma) * y + gamma * a, (2 + gamma) * y - gamma * a) / 2
-    S = torch.where(y == 0, torch.zeros_like(R), R / (z + _sign0(z) * ZENNIT_EPS))
+        den.addcmul_(s, a, value=gamma / 2).add_(y, alpha=1 + gamma / 2)
+    S = torch.mul(g, y).div_(den)
     Rx = back(S)
     if gamma != 0:
-        Rx = Rx.mul_(1 + gamma / 2).mul_(x).addcmul_(x.abs(), back_abs(S * y.sign()), value=gamma / 2)
+        Rx = Rx.mul_(1 + gamma / 2).mul_(x).addcmul_(x.abs(), back_abs(S.mul_(s)), value=gamma / 2)
     else:
         Rx = Rx.mul_(x)
-    return Rx / (x + _sign0(x) * INPUT_EPS)
+    return Rx.div_(_sign0(x).mul_(INPUT_EPS).add_(x))
 
 
 class GammaLinear(torch.autograd.Function):

@@ -1,0 +1,128 @@
+"""Faithfulness and cost of every relevance method, vitlens's and (when installed) the peers'.
+
+Every method explains the predicted class of the same images of one trained checkpoint; maps
+are scored with ``vitlens.metrics.perturbation_auc`` (the paper's pixel perturbation test:
+positive AUC, lower is better; negative AUC, higher is better) and timed (ms/image, same
+batch, same process). Each row says the resolution its map has (patch grid or pixels); pixel
+maps of attnlrp / cp_lrp are also scored summed to the patch grid (``resolution="patch"``),
+to compare like with like. Beside them: the model's own forward + backward pass (the cost
+unit; ``x fwd+bwd``).
+
+Peers (optional extra ``peers``): Captum ``Saliency`` and ``IntegratedGradients`` when
+``captum`` is installed. LXT rows need ``lxt`` + ``zennit``, which patch timm / torch classes
+while they run; not wired in yet (see BENCHMARKS.md).
+
+    python benchmarks/faithfulness.py --checkpoint checkpoints/<run>/last.ckpt \
+        --images 'data/toybirds/images/val/*/*.png' --num-images 256 --batch-size 32
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import time
+from pathlib import Path
+
+import torch
+
+from vitlens.metrics import perturbation_auc
+from vitlens.relevance import METHODS, explain
+
+
+def load(args):
+    from vitlens.data import eval_transform, read_image
+    from vitlens.models import load_classifier
+
+    clf = load_classifier(args.checkpoint, map_location="cpu").eval()
+    files = sorted(glob.glob(args.images, recursive=True))
+    if not files:
+        raise SystemExit(f"--images {args.images!r} matches no file")
+    files = files[:: max(1, len(files) // args.num_images)][: args.num_images]
+    transform = eval_transform(clf.model.patch_embed.img_size[0], clf.mean, clf.std, "resize", boxes=False)
+    images = torch.stack([torch.from_numpy(transform(image=read_image(f))["image"]).permute(2, 0, 1)
+                          for f in files])
+    names = list(clf.class_names)
+    labels = torch.tensor([names.index(Path(f).parent.name) if Path(f).parent.name in names else -1
+                           for f in files])
+    return clf, images, labels
+
+
+def timed(fn, images, batch_size):
+    """Maps of all images in batches, and the best-of-2 ms/image of the first batch."""
+    first = images[:batch_size]
+    best = float("inf")
+    for _ in range(2):
+        t0 = time.perf_counter()
+        fn(first)
+        best = min(best, time.perf_counter() - t0)
+    maps = torch.cat([fn(images[i:i + batch_size]).detach().float() for i in range(0, len(images), batch_size)])
+    return maps, 1000 * best / len(first)
+
+
+def peers(model):
+    rows = {}
+    try:
+        from captum.attr import IntegratedGradients, Saliency
+    except ImportError:
+        return rows
+
+    def fwd(x):
+        return model(x)
+
+    def predicted(x):
+        with torch.no_grad():
+            return model(x).argmax(-1)
+
+    rows["Captum Saliency"] = ("pixels", lambda x: Saliency(fwd).attribute(
+        x.clone().requires_grad_(), target=predicted(x), abs=True).sum(1))
+    rows["Captum IntegratedGradients"] = ("pixels", lambda x: IntegratedGradients(fwd).attribute(
+        x.clone(), target=predicted(x), n_steps=16).sum(1))
+    return rows
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--checkpoint", required=True)
+    ap.add_argument("--images", required=True)
+    ap.add_argument("--num-images", type=int, default=256)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    args = ap.parse_args(argv)
+    torch.set_grad_enabled(True)
+    clf, images, labels = load(args)
+    model = clf.model
+    with torch.no_grad():
+        preds = torch.cat([model(images[i:i + 64]).argmax(-1) for i in range(0, len(images), 64)])
+    known = labels >= 0
+    acc = (preds[known] == labels[known]).float().mean().item() if known.any() else float("nan")
+    labels = torch.where(known, labels, preds)
+
+    rows = {}
+    for m in args.methods:
+        pixel = m in ("full_lrp", "attnlrp", "cp_lrp")
+        rows[m] = ("pixels" if pixel else "patches", lambda x, m=m: explain(model, x, m))
+        if m in ("attnlrp", "cp_lrp"):
+            rows[f"{m} (patch grid)"] = ("patches", lambda x, m=m: explain(model, x, m, resolution="patch"))
+    rows.update(peers(model))
+
+    def fwd_bwd(x):  # the cost unit: the model's own forward + backward (parameter gradients)
+        model.zero_grad(set_to_none=True)
+        x = x.clone().requires_grad_()
+        model(x).max(-1).values.sum().backward()
+        model.zero_grad(set_to_none=True)
+        return x.grad.sum(1)
+
+    _, unit = timed(fwd_bwd, images, args.batch_size)
+    print(f"# {args.checkpoint}: {len(images)} images, accuracy {acc:.3f}, batch {args.batch_size}, "
+          f"torch threads {torch.get_num_threads()}; forward+backward {unit:.2f} ms/image")
+    print("| method | map resolution | pos AUC (lower better) | neg AUC (higher better) | ms/image | x fwd+bwd |")
+    print("|---|---|---|---|---|---|")
+    for name, (res, fn) in rows.items():
+        maps, ms = timed(fn, images, args.batch_size)
+        r = perturbation_auc(model, images, maps, labels, clf.mean, clf.std, targets=preds,
+                             batch_size=64)
+        print(f"| {name} | {res} | {r.pos_auc:.2f} | {r.neg_auc:.2f} | {ms:.1f} | {ms / unit:.2f} |",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()
