@@ -58,8 +58,101 @@ def timed(fn, images, batch_size):
     return maps, 1000 * best / len(first)
 
 
+def _lxt():
+    """LXT 2.1's efficient rules and zennit patch, without ``lxt.efficient.__init__`` (which
+    imports transformers for its LLM patches)."""
+    import importlib
+    import sys
+    import types
+
+    import lxt
+
+    if "lxt.efficient" not in sys.modules:
+        pkg = types.ModuleType("lxt.efficient")
+        pkg.__path__ = [str(Path(lxt.__file__).parent / "efficient")]
+        sys.modules["lxt.efficient"] = pkg
+    return (importlib.import_module("lxt.efficient.rules"),
+            importlib.import_module("lxt.efficient.patches"),
+            importlib.import_module("lxt.efficient.zennit_patches"))
+
+
+class LXTOnTimm:
+    """LXT 2.1 AttnLRP / CP-LRP applied to a timm ViT as /work/shared/golden/README.md says:
+    patches nn.LayerNorm, nn.GELU, timm Attention and zennit's BasicHook (class-wide!) while
+    it runs, restores them afterwards."""
+
+    def __init__(self, model, mode, gamma_linear=0.05, gamma_conv=0.25):
+        self.model, self.mode, self.gl, self.gc = model, mode, gamma_linear, gamma_conv
+
+    def __call__(self, x):
+        import torch.nn as nn
+        import torch.nn.functional as F
+        import zennit.core
+        import zennit.rules as zr
+        from timm.layers import Attention
+        from zennit.composites import LayerMapComposite
+
+        rules, patches, zp = _lxt()
+        mode = self.mode
+
+        def attn_forward(self, x, attn_mask=None, is_causal=False):
+            B, N, C = x.shape
+            qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+            q, k, v = qkv.unbind(0)
+            q, k = self.q_norm(q), self.k_norm(k)
+            if mode == "cp_lrp":
+                q, k = rules.stop_gradient(q), rules.stop_gradient(k)
+            else:
+                q, k, v = rules.divide_gradient(q, 4), rules.divide_gradient(k, 4), rules.divide_gradient(v, 2)
+            x = F.scaled_dot_product_attention(q, k, v)
+            x = self.norm(x.transpose(1, 2).reshape(B, N, C))
+            return self.proj_drop(self.proj(x))
+
+        def gelu_forward(self, x):
+            return rules.identity_rule_implicit(lambda t: F.gelu(t, approximate=self.approximate), x)
+
+        # the classes the model really uses (timm's LayerNorm / GELU subclass torch's)
+        norms = {type(m) for m in self.model.modules() if isinstance(m, nn.LayerNorm)}
+        gelus = {type(m) for m in self.model.modules() if isinstance(m, nn.GELU)}
+        saved = [(c, "forward", c.__dict__.get("forward")) for c in norms | gelus | {Attention}]
+        saved += [(zennit.core.BasicHook, "forward", zennit.core.BasicHook.forward),
+                  (zennit.core.BasicHook, "backward", zennit.core.BasicHook.backward)]
+        for c in norms:
+            c.forward = patches.layer_norm_forward
+        for c in gelus:
+            c.forward = gelu_forward
+        Attention.forward = attn_forward
+        zennit.core.BasicHook.forward, zennit.core.BasicHook.backward = zp.forward, zp.backward
+        comp = LayerMapComposite([(nn.Conv2d, zr.Gamma(self.gc)), (nn.Linear, zr.Gamma(self.gl))])
+        try:
+            comp.register(self.model)
+            x = x.clone().requires_grad_()
+            y = self.model(x)
+            t = y.argmax(-1)
+            (g,) = torch.autograd.grad(y.gather(1, t[:, None]).sum(), x)
+            return (x * g).sum(1).detach()
+        finally:
+            comp.remove()
+            for cls, name, fn in saved:
+                if fn is None:
+                    delattr(cls, name)  # it inherited forward
+                else:
+                    setattr(cls, name, fn)
+
+
 def peers(model):
     rows = {}
+    try:
+        _lxt()
+        import zennit  # noqa: F401
+
+        patch = model.patch_embed.patch_size
+        for mode in ("cp_lrp", "attnlrp"):
+            rows[f"LXT 2.1 {mode}"] = ("pixels", LXTOnTimm(model, mode))
+            rows[f"LXT 2.1 {mode} (patch grid)"] = (
+                "patches", lambda x, f=LXTOnTimm(model, mode): _grid(f(x), patch))
+    except ImportError:
+        pass
     try:
         from captum.attr import IntegratedGradients, Saliency
     except ImportError:
@@ -77,6 +170,12 @@ def peers(model):
     rows["Captum IntegratedGradients"] = ("pixels", lambda x: IntegratedGradients(fwd).attribute(
         x.clone(), target=predicted(x), n_steps=16).sum(1))
     return rows
+
+
+def _grid(maps, patch):
+    from vitlens.relevance.lrp_gradient import patch_grid
+
+    return patch_grid(maps, patch)
 
 
 def main(argv=None):
