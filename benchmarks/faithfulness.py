@@ -8,9 +8,10 @@ maps of attnlrp / cp_lrp are also scored summed to the patch grid (``resolution=
 to compare like with like. Beside them: the model's own forward + backward pass (the cost
 unit; ``x fwd+bwd``).
 
-Peers (optional extra ``peers``): Captum ``Saliency`` and ``IntegratedGradients`` when
-``captum`` is installed. LXT rows need ``lxt`` + ``zennit``, which patch timm / torch classes
-while they run; not wired in yet (see BENCHMARKS.md).
+Peers (optional extra ``peers``): LXT 2.1 AttnLRP / CP-LRP on the timm model when ``lxt`` and
+``zennit`` are installed (``LXTOnTimm``: patches timm / torch classes while it runs and
+restores them; reproduces shared/golden/lxt_vit_tiny_f64.npz exactly), Captum ``Saliency``
+and ``IntegratedGradients`` when ``captum`` is installed. Without them only vitlens rows.
 
     python benchmarks/faithfulness.py --checkpoint checkpoints/<run>/last.ckpt \
         --images 'data/toybirds/images/val/*/*.png' --num-images 256 --batch-size 32
