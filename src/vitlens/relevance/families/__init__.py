@@ -25,10 +25,13 @@ class Family:
       order; the first match wins).
     - ``read(model, *, dtype, mm_dtype, rounding, tf32) -> Backbone``: detached weights, cast;
       raises ``UnsupportedModelError`` naming the part it cannot explain.
-    - ``block_forward``: ``(bb, w, x, *, keep_attn, keep_all, fast, compact, ops) ->
+    - ``block_forward``: ``(bb, w, x, *, keep_attn, keep_all, fast, compact) ->
       (x_out, BlockTrace)``; ``None``: the pre-norm ViT block (``forward.block_forward``).
     - ``block_rule``: the explicit-rule relevance pass through one block (Chefer / plain
       LRP), same signature as ``rules.block_rule``; ``None``: ``rules.block_rule``.
+    - ``gradient_block_forward``: one block in the Gradient x Input form (AttnLRP, CP-LRP),
+      ``(bb, rule_set, w, x, gamma_linear) -> x_out`` using the rule set's ops
+      (``lrp_gradient.GradientRuleSet``); ``None``: ``lrp_gradient.block_forward``.
     """
 
     name: str
@@ -37,6 +40,7 @@ class Family:
     read: Callable[..., Backbone]
     block_forward: Callable | None = None
     block_rule: Callable | None = None
+    gradient_block_forward: Callable | None = None
 
 
 FAMILIES: list[Family] = []
