@@ -46,7 +46,7 @@ class ViTClassifier(L.LightningModule):
             file (timm state dict, MAE checkpoint, vitlens .ckpt). See `vitlens.models.weights`.
         reset_head: fine-tune a vitlens checkpoint given as `weights` on other classes.
         mean, std: input normalisation; the backbone's own (timm config) unless given.
-        lr: peak learning rate (of the head; layer k of L+2 gets lr * layer_decay**(L+1-k)).
+        lr: peak learning rate (of the head; layer k of K+1 gets lr * layer_decay**(K-k), the layers being those of timm's group_matcher for the family).
         weight_decay: AdamW weight decay (none on biases, norms, position embedding, tokens).
         layer_decay: layer-wise lr decay (0.65 for ViT-B in the MAE recipe; 1 = off).
         betas: AdamW betas.
