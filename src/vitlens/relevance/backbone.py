@@ -240,8 +240,10 @@ def _linear(module: nn.Module, where: str, dtype, mm_dtype) -> Linear:
 
 
 def _gelu(module: nn.Module, where: str) -> str:
-    from timm.layers.activations import GELU, GELUTanh
+    from timm.layers.activations import GELU, GELUTanh, QuickGELU
 
+    if type(module) is QuickGELU:  # x * sigmoid(1.702 x), OpenAI CLIP: the same rule as GELU
+        return "quick"
     if isinstance(module, nn.GELU):
         return module.approximate
     if type(module) is GELU:
@@ -499,7 +501,8 @@ def block_forward(bb: Backbone, w: BlockWeights, x: torch.Tensor, *, keep_attn: 
     x_mid = x + a
     h2 = layer_norm(x_mid, w.norm2)
     f1 = bb.linear(h2, w.fc1, fast)
-    g = layer_norm(F.gelu(f1, approximate=w.gelu_approximate), w.mlp_norm)
+    act = f1 * torch.sigmoid(1.702 * f1) if w.gelu_approximate == "quick" else F.gelu(f1, approximate=w.gelu_approximate)
+    g = layer_norm(act, w.mlp_norm)
     f2 = bb.linear(g, w.fc2, fast)
     m = f2 if w.ls2 is None else f2 * w.ls2
     x_out = x_mid + m
