@@ -241,3 +241,16 @@ def test_unexplained_family_is_a_clear_error(name):
         explain_many(model, torch.randn(1, 3, size, size, dtype=torch.float64), ["transformer_attribution"])
     message = str(err.value)
     assert NOT_EXPLAINED[name] in message and "\n" not in message
+
+
+def test_a_failing_timm_filter_still_gives_the_key_listing():
+    kwargs, size = FAMILIES["swin_tiny_patch4_window7_224"]
+    swin = create_backbone("swin_tiny_patch4_window7_224", 4, img_size=size, **kwargs)
+    sd = dict(swin.state_dict())
+    sd["layers.7.blocks.0.attn.relative_position_bias_table"] = torch.zeros(49, 1)  # a stage the model lacks
+    with pytest.raises(ValueError) as err:
+        load_backbone_weights(swin, sd)
+    message = str(err.value)
+    assert "\n" not in message
+    assert "unexpected keys ['layers.7.blocks.0.attn.relative_position_bias_table']" in message
+    assert "timm's timm.models.swin_transformer.checkpoint_filter_fn failed" in message

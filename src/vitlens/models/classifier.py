@@ -32,10 +32,11 @@ def _resolve_class_names(class_names: Sequence[str] | None, num_classes: int | N
 
 
 class ViTClassifier(L.LightningModule):
-    """Image classification with a timm ViT / DeiT / MAE backbone.
+    """Image classification with a timm ViT / DeiT / MAE / DINOv2 / CLIP / SigLIP / EVA-02 / Swin backbone.
 
     Args:
-        backbone: timm model name (`vit_*`, `deit_*`, `deit3_*`, with tags such as `.mae`).
+        backbone: timm model name (`vit_*`, `deit_*`, `deit3_*`, `eva02_*`, `swin_*`, with tags
+            such as `.mae`); see the supported-models table in the README.
         class_names: the dataset's classes (linked from the data module by train.py).
         num_classes: only needed without class_names.
         img_size: input size the backbone is built for (position embeddings are resized to it).
