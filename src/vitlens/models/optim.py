@@ -3,6 +3,7 @@ per-step warmup + cosine schedule."""
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 from torch import nn
 
@@ -10,6 +11,7 @@ from torch import nn
 # sit; plus whatever the timm model's own `no_weight_decay()` names (e.g. Swin's relative
 # position bias tables)
 NO_WEIGHT_DECAY_NAMES = ("pos_embed", "cls_token", "dist_token", "reg_token")
+_TOKEN_PATTERNS = tuple(p for n in NO_WEIGHT_DECAY_NAMES for p in (n, f"*.{n}"))
 
 
 def layer_map(model: nn.Module) -> dict[str, int]:
@@ -28,14 +30,13 @@ def layer_map(model: nn.Module) -> dict[str, int]:
 def no_weight_decay_patterns(model: nn.Module) -> list[str]:
     """fnmatch patterns (timm's `no_weight_decay_list`) of the parameters kept out of weight decay."""
     own = model.no_weight_decay() if hasattr(model, "no_weight_decay") else ()
-    tokens = [p for n in NO_WEIGHT_DECAY_NAMES for p in (n, f"*.{n}")]
-    return sorted(set(own) | set(tokens))
+    return sorted(set(own) | set(_TOKEN_PATTERNS))
 
 
-def uses_weight_decay(name: str, param: nn.Parameter, patterns: list[str] | None = None) -> bool:
+def uses_weight_decay(name: str, param: nn.Parameter, patterns: Sequence[str] = _TOKEN_PATTERNS) -> bool:
+    """timm's rule: weight decay unless 1-d or matching one of `patterns` (fnmatch)."""
     import fnmatch
 
-    patterns = [p for n in NO_WEIGHT_DECAY_NAMES for p in (n, f"*.{n}")] if patterns is None else patterns
     return param.ndim > 1 and not any(fnmatch.fnmatch(name, p) for p in patterns)
 
 
