@@ -288,3 +288,55 @@ def test_checkpoint_classes_must_match_the_dataset(tiny_classifier_checkpoint, t
     wrong_model = ViTClassifier(class_names=[*TINY_CLASSES[:3], "star"], **TINY_MODEL)
     with pytest.raises(CheckpointClassMismatchError, match="the model \\(class_names\\) has 4 classes"):
         trainer.validate(wrong_model, datamodule=data, verbose=False)
+
+
+SWIN_TINY = dict(img_size=32, patch_size=2, window_size=4, embed_dim=16, depths=(1, 2), num_heads=(1, 2))
+
+
+@pytest.mark.parametrize("name, kwargs", [
+    ("vit_tiny_patch16_224", {**SMALL, "depth": 3}),
+    ("swin_tiny_patch4_window7_224", SWIN_TINY),
+])
+def test_layer_decay_follows_timms_group_matcher(name, kwargs):
+    import timm
+    from timm.models import group_parameters
+
+    model = timm.create_model(name, num_classes=4, **kwargs)
+    timm_ids = group_parameters(model, model.group_matcher(coarse=False), reverse=True)
+    last = max(timm_ids.values())
+    groups = param_groups_layer_decay(model, lr=2.0, weight_decay=0.05, layer_decay=0.5)
+    where = {n: g for g in groups for n in g["param_names"]}
+    assert set(where) == {n for n, _ in model.named_parameters()}
+    for n, p in model.named_parameters():
+        assert where[n]["layer_id"] == timm_ids[n], n
+        assert where[n]["lr"] == pytest.approx(2.0 * 0.5 ** (last - timm_ids[n])), n
+        assert where[n]["weight_decay"] == (0.0 if p.ndim <= 1 or "pos_embed" in n or "token" in n
+                                            or "relative_position_bias_table" in n else 0.05), n
+    # the blocks are spread over their own layers, not lumped with the head
+    block_params = [n for n in where if n.startswith(("blocks.", "layers."))]
+    assert {where[n]["layer_id"] for n in block_params} == set(range(1, last))
+    assert all(where[n]["lr"] == 2.0 for n in where if n.startswith("head"))
+    names = [g["name"] for g in groups]
+    assert len(set(names)) == len(names) and names[0] == "00_embed/no_wd" and names[-1] == f"{last:02d}_head/wd"
+    if name.startswith("swin"):
+        assert where["layers.0.blocks.0.attn.qkv.weight"]["name"] == "01_layers.0.blocks.0/wd"
+        assert where["layers.1.downsample.reduction.weight"]["layer_id"] == where["layers.1.blocks.0.mlp.fc1.weight"]["layer_id"]
+        assert where["layers.1.blocks.1.mlp.fc1.weight"]["name"] == "03_layers.1.blocks.1/wd"
+    else:
+        assert where["blocks.1.mlp.fc1.weight"]["name"] == "02_blocks.1/wd"
+
+
+def test_layer_decay_group_names_reach_the_lr_monitor(tiny_dataset_dir, tmp_path):
+    from lightning.pytorch.callbacks import LearningRateMonitor
+    from lightning.pytorch.loggers import CSVLogger
+
+    model = ViTClassifier(class_names=TINY_CLASSES, lr=1e-2, layer_decay=0.5, **TINY_MODEL)
+    monitor = LearningRateMonitor(logging_interval="step")
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=CSVLogger(tmp_path), callbacks=[monitor],
+                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                        limit_val_batches=0)
+    trainer.fit(model, datamodule=tiny_datamodule(tiny_dataset_dir))
+    keys = set(monitor.lrs)
+    depth = len(model.model.blocks)
+    assert "lr-AdamW/00_embed/wd" in keys and f"lr-AdamW/{depth + 1:02d}_head/wd" in keys
+    assert "lr-AdamW/01_blocks.0/no_wd" in keys

@@ -126,7 +126,7 @@ def test_fit_validate_and_class_mismatch_via_subprocess(tiny_dataset_dir, tmp_pa
     history = read_history(runs[0])
     logged = {key for row in history for key in row}
     for key in ("train/loss", "val/acc", "val/acc_top5", "val/loss", f"val/acc_class/{TINY_CLASSES[0]}",
-                "val/confusion_matrix", "lr-AdamW/pg1"):
+                "val/confusion_matrix", "lr-AdamW/00_embed/no_wd", "lr-AdamW/03_head/wd"):
         assert any(k.startswith(key) for k in logged), (key, sorted(logged))
     val_acc = [row["val/acc"] for row in history if "val/acc" in row]
     assert len(val_acc) == 2 and all(0.0 <= v <= 1.0 for v in val_acc)

@@ -58,6 +58,9 @@ class ImageDataModule(L.LightningDataModule):
         generate: "toybirds" to generate the toy-bird set at `path` if it is missing.
         generate_options: keywords of `vitlens.data.toybirds.generate_toybirds`.
         pin_memory, persistent_workers: DataLoader options.
+        rand_augment_ops, rand_augment_magnitude: RandAugment-style augmentation (number of
+            ops per image, 0 = off; strength out of 10), as in the MAE/DeiT recipes.
+        random_erasing: random-erasing probability (0 = off; the MAE recipe uses 0.25).
     """
 
     def __init__(
@@ -84,6 +87,9 @@ class ImageDataModule(L.LightningDataModule):
         generate_options: dict | None = None,
         pin_memory: bool = False,
         persistent_workers: bool = False,
+        rand_augment_ops: int = 0,
+        rand_augment_magnitude: int = 9,
+        random_erasing: float = 0.0,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -177,7 +183,9 @@ class ImageDataModule(L.LightningDataModule):
         common = dict(has_masks=self.has_masks, has_boxes=self.has_boxes)
         self.train_dataset = ImageDataset(train, self.class_names, train_transform(
             self.image_size, self.mean, self.std, crop_scale=hp.crop_scale, crop_ratio=hp.crop_ratio,
-            hflip=hp.hflip, color_jitter=hp.color_jitter, seed=self.seed, boxes=self.has_boxes), **common)
+            hflip=hp.hflip, color_jitter=hp.color_jitter, seed=self.seed, boxes=self.has_boxes,
+            rand_augment_ops=hp.rand_augment_ops, rand_augment_magnitude=hp.rand_augment_magnitude,
+            random_erasing=hp.random_erasing), **common)
         self.val_dataset = ImageDataset(val, self.class_names, self.eval_transform(), **common)
         self.test_dataset = ImageDataset(test, self.class_names, self.eval_transform(), **common) if test else None
 

@@ -1,13 +1,20 @@
-"""timm Vision Transformer backbones (ViT, DeiT, MAE, register-token variants) by name."""
+"""timm Vision Transformer backbones by name: ViT / DeiT / MAE / DINOv2 (with registers) /
+CLIP / SigLIP (`VisionTransformer`), EVA-02 (`Eva`) and Swin (`SwinTransformer`).
+
+All of them train; which ones the relevance engine explains is the engine's business
+(`vitlens.relevance` raises `UnsupportedModelError` for the others)."""
 from __future__ import annotations
 
 from typing import Any
 
 import timm
+from timm.models.eva import Eva
+from timm.models.swin_transformer import SwinTransformer
 from timm.models.vision_transformer import VisionTransformer
 
-SUPPORTED_FAMILIES = ("vit_*", "deit_*", "deit3_*")
-_PREFIXES = ("vit_", "deit_", "deit3_")
+SUPPORTED_FAMILIES = ("vit_*", "deit_*", "deit3_*", "eva02_*", "swin_*")
+_PREFIXES = ("vit_", "deit_", "deit3_", "eva02_", "swin_")
+BACKBONE_CLASSES = (VisionTransformer, Eva, SwinTransformer)
 
 
 def _architecture(name: str) -> str:
@@ -16,12 +23,12 @@ def _architecture(name: str) -> str:
 
 
 def check_backbone_name(name: str) -> None:
-    """Raise a one-line ValueError unless `name` is a timm ViT/DeiT model name."""
+    """Raise a one-line ValueError unless `name` is a timm model name of a supported family."""
     arch = _architecture(name)
     if not arch.startswith(_PREFIXES):
         raise ValueError(
-            f"backbone {name!r} is not supported: vitlens explains timm Vision Transformers, "
-            f"use a name matching {', '.join(SUPPORTED_FAMILIES)} (e.g. vit_base_patch16_224.mae, deit_small_patch16_224)"
+            f"backbone {name!r} is not supported: vitlens fine-tunes timm Vision Transformers, "
+            f"use a name matching {', '.join(SUPPORTED_FAMILIES)} (e.g. vit_base_patch16_224.mae, vit_base_patch14_dinov2, eva02_base_patch14_224)"
         )
     if not timm.is_model(arch):
         close = timm.list_models(f"{arch[:12]}*")[:5]
@@ -29,8 +36,9 @@ def check_backbone_name(name: str) -> None:
         raise ValueError(f"backbone {name!r} is not a timm model name{hint}")
 
 
-def create_backbone(name: str, num_classes: int, *, weights: str | None = None, **timm_kwargs: Any) -> VisionTransformer:
-    """Build the timm ViT/DeiT `name` with a `num_classes`-way head.
+def create_backbone(name: str, num_classes: int, *, weights: str | None = None, **timm_kwargs: Any):
+    """Build the timm backbone `name` (ViT, DeiT, DINOv2, CLIP, SigLIP, EVA-02, Swin) with a
+    `num_classes`-way head.
 
     Any timm keyword (img_size, patch_size, depth, embed_dim, num_heads, drop_path_rate,
     global_pool, reg_tokens, ...) passes through, so small ViTs can be trained from scratch.
@@ -39,9 +47,9 @@ def create_backbone(name: str, num_classes: int, *, weights: str | None = None, 
     """
     check_backbone_name(name)
     model = timm.create_model(_architecture(name), pretrained=False, num_classes=num_classes, **timm_kwargs)
-    if not isinstance(model, VisionTransformer):
+    if not isinstance(model, BACKBONE_CLASSES):
         raise ValueError(
-            f"backbone {name!r} builds a timm {type(model).__name__}, not a VisionTransformer; "
+            f"backbone {name!r} builds a timm {type(model).__name__}, not a VisionTransformer, Eva or SwinTransformer; "
             f"vitlens supports the ViT family ({', '.join(SUPPORTED_FAMILIES)})"
         )
     if weights is not None:

@@ -32,10 +32,11 @@ def _resolve_class_names(class_names: Sequence[str] | None, num_classes: int | N
 
 
 class ViTClassifier(L.LightningModule):
-    """Image classification with a timm ViT / DeiT / MAE backbone.
+    """Image classification with a timm ViT / DeiT / MAE / DINOv2 / CLIP / SigLIP / EVA-02 / Swin backbone.
 
     Args:
-        backbone: timm model name (`vit_*`, `deit_*`, `deit3_*`, with tags such as `.mae`).
+        backbone: timm model name (`vit_*`, `deit_*`, `deit3_*`, `eva02_*`, `swin_*`, with tags
+            such as `.mae`); see the supported-models table in the README.
         class_names: the dataset's classes (linked from the data module by train.py).
         num_classes: only needed without class_names.
         img_size: input size the backbone is built for (position embeddings are resized to it).
@@ -46,7 +47,7 @@ class ViTClassifier(L.LightningModule):
             file (timm state dict, MAE checkpoint, vitlens .ckpt). See `vitlens.models.weights`.
         reset_head: fine-tune a vitlens checkpoint given as `weights` on other classes.
         mean, std: input normalisation; the backbone's own (timm config) unless given.
-        lr: peak learning rate (of the head; layer k of L+2 gets lr * layer_decay**(L+1-k)).
+        lr: peak learning rate (of the head; layer k of K+1 gets lr * layer_decay**(K-k), the layers being those of timm's group_matcher for the family).
         weight_decay: AdamW weight decay (none on biases, norms, position embedding, tokens).
         layer_decay: layer-wise lr decay (0.65 for ViT-B in the MAE recipe; 1 = off).
         betas: AdamW betas.

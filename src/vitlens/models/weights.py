@@ -1,10 +1,18 @@
-"""Initial weights for a timm ViT: timm's hub, a timm state dict, an MAE pre-training
-checkpoint, or a checkpoint of this project.
+"""Initial weights for a timm backbone: timm's hub, a timm state dict, an official checkpoint
+in its original layout (DINOv2, EVA-02, OpenAI/OpenCLIP CLIP, MAE, Swin), or a checkpoint of
+this project.
 
 The rules, in one place (`adapt_state_dict`):
 - the state dict is unwrapped (Lightning `state_dict` with our `model.` prefix, MAE's
   `{"model": ...}`, a `module.` prefix from DataParallel/DDP);
-- MAE's decoder (`decoder_*`) and `mask_token` are dropped;
+- MAE's decoder (`decoder_*`) is dropped;
+- the family's own timm `checkpoint_filter_fn` converts an original layout into timm's
+  (`family_checkpoint_filter`: ViT/DeiT/DINOv2/CLIP/SigLIP -> vision_transformer's, EVA ->
+  eva's, Swin -> swin_transformer's): DINOv2's `register_tokens`/`w12`/`w3`, OpenAI CLIP's
+  `visual.*` names, OpenCLIP's `visual.trunk.` prefix, EVA's MIM `norm` -> `fc_norm`, SwiGLU
+  and rotary buffers, Swin's old downsample placement and relative-position tables, patch
+  embedding and position embedding resampling to the model's grid; then any `mask_token`
+  left (MAE) is dropped;
 - the position embedding is resampled (timm's `resample_abs_pos_embed`) when the patch
   grid differs (another image size);
 - the classifier head is not loaded (re-initialised for the dataset's classes), except
@@ -103,13 +111,48 @@ def _grid(num_tokens: int, source: str) -> list[int]:
     return [side, side]
 
 
+def _filter_fn(model: nn.Module):
+    """The timm `checkpoint_filter_fn` of `model`'s family (None for a family without one)."""
+    from timm.models import eva, swin_transformer, vision_transformer
+
+    for module, cls in ((eva, "Eva"), (swin_transformer, "SwinTransformer"), (vision_transformer, "VisionTransformer")):
+        if isinstance(model, getattr(module, cls)):
+            return module.checkpoint_filter_fn
+    return None
+
+
+def family_checkpoint_filter(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str]:
+    """`state_dict` through timm's own `checkpoint_filter_fn` of `model`'s family, and "" or the
+    reason the filter failed (then the state dict is returned as given, and the strict key
+    check of `adapt_state_dict` names what does not fit)."""
+    fn = _filter_fn(model)
+    if fn is None:
+        return dict(state_dict), ""
+    try:
+        import logging
+
+        timm_logger = logging.getLogger("timm")
+        level = timm_logger.level
+        timm_logger.setLevel(logging.WARNING)  # the filters log every resampling at INFO
+        try:
+            out = fn(dict(state_dict), model)  # a copy: some converters pop keys in place
+        finally:
+            timm_logger.setLevel(level)
+    except Exception as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return dict(state_dict), f"timm's {fn.__module__}.checkpoint_filter_fn failed ({type(exc).__name__}: {reason})"
+    return {k: v for k, v in out.items() if isinstance(v, torch.Tensor)}, ""
+
+
 def adapt_state_dict(
     model: nn.Module, state_dict: Mapping[str, torch.Tensor], *, keep_head: bool = False, source: str = "weights"
 ) -> dict[str, torch.Tensor]:
     """`state_dict` made to fit `model` by the rules in the module docstring; errors list offending keys."""
     from timm.layers import resample_abs_pos_embed
 
-    sd = {k: v for k, v in state_dict.items() if not k.startswith(_MAE_DROPPED_PREFIXES)}
+    sd = {k: v for k, v in state_dict.items() if not k.startswith("decoder")}
+    sd, filter_error = family_checkpoint_filter(model, sd)
+    sd = {k: v for k, v in sd.items() if not k.startswith(_MAE_DROPPED_PREFIXES)}
     target = model.state_dict()
     allowed_missing: set[str] = set()
 
@@ -150,6 +193,8 @@ def adapt_state_dict(
     if wrong_shape:
         problems.append(f"shape mismatches {_short(wrong_shape)}")
     if problems:
+        if filter_error:
+            problems.append(filter_error)
         raise ValueError(f"{source} does not fit the backbone: " + "; ".join(problems))
     return {k: v.to(dtype=target[k].dtype) for k, v in sd.items()}
 

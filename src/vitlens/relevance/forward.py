@@ -18,6 +18,14 @@ from vitlens.relevance.weights import Backbone, BlockWeights, Norm
 
 
 
+def gelu(x: torch.Tensor, approximate: str) -> torch.Tensor:
+    """The MLP activation: GELU (``approximate`` "none" / "tanh") or OpenAI CLIP's QuickGELU
+    (``"quick"``: ``x * sigmoid(1.702 x)``)."""
+    if approximate == "quick":
+        return x * torch.sigmoid(1.702 * x)
+    return F.gelu(x, approximate=approximate)
+
+
 def layer_norm(x: torch.Tensor, norm: Norm | None) -> torch.Tensor:
     if norm is None:
         return x
@@ -119,7 +127,7 @@ def block_forward(bb: Backbone, w: BlockWeights, x: torch.Tensor, *, keep_attn: 
     x_mid = x + a
     h2 = layer_norm(x_mid, w.norm2)
     f1 = bb.linear(h2, w.fc1, fast)
-    g = layer_norm(F.gelu(f1, approximate=w.gelu_approximate), w.mlp_norm)
+    g = layer_norm(gelu(f1, w.gelu_approximate), w.mlp_norm)
     f2 = bb.linear(g, w.fc2, fast)
     m = f2 if w.ls2 is None else f2 * w.ls2
     x_out = x_mid + m

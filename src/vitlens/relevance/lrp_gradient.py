@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from vitlens.relevance.forward import Embedding
+from vitlens.relevance.forward import Embedding, gelu
 from vitlens.relevance.weights import Backbone, BlockWeights, Linear, Norm
 
 ZENNIT_EPS = 1e-6  # zennit's default stabiliser of the gamma rule's denominators
@@ -142,7 +142,7 @@ class IdentityRuleGELU(torch.autograd.Function):
 
     @staticmethod
     def forward(x, approximate):
-        return F.gelu(x, approximate=approximate)
+        return gelu(x, approximate)
 
     @staticmethod
     def setup_context(ctx, inputs, output):

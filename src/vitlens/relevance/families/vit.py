@@ -53,8 +53,10 @@ def _linear(module: nn.Module, where: str, dtype, mm_dtype) -> Linear:
 
 
 def _gelu(module: nn.Module, where: str) -> str:
-    from timm.layers.activations import GELU, GELUTanh
+    from timm.layers.activations import GELU, GELUTanh, QuickGELU
 
+    if type(module) is QuickGELU:  # x * sigmoid(1.702 x), OpenAI CLIP: the same rule as GELU
+        return "quick"
     if isinstance(module, nn.GELU):
         return module.approximate
     if type(module) is GELU:
