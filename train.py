@@ -19,14 +19,13 @@ wandb/offline-run-*` uploads them later), and keep the best (val/acc) and last c
 the resolved config under <root>/checkpoints/<run id>/; <root> is `--trainer.default_root_dir`
 (default: the current folder). Before anything starts a preflight checks the data, model and
 callbacks (exit code 2, one line per finding). SIGTERM/SIGINT write last.ckpt and exit non-zero
-(143/130); `fit --ckpt_path last` resumes the same W&B run and checkpoint folder.
+(143/1); `fit --ckpt_path last` resumes the same W&B run and checkpoint folder.
 Errors are one line; `VITLENS_DEBUG=1` shows the traceback.
 """
 from __future__ import annotations
 
 import os
 import sys
-import warnings
 import warnings
 from pathlib import Path
 
@@ -37,7 +36,7 @@ DEFAULT_CONFIG = HERE / "configs" / "toybirds.yaml"
 TOYBIRDS_PATH = "data/toybirds"  # the default config's data.path: the only place it generates toy birds
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 EXIT_PREFLIGHT = 2  # bad data / config, found before the run started
-EXIT_INTERRUPTED = {"SIGTERM": 143, "SIGINT": 130}  # 128 + signal number, as shells and SLURM read it
+EXIT_INTERRUPTED = {"SIGTERM": 143}  # 128 + signal number, as shells and SLURM read it
 
 USAGE = """usage: train.py [-h] {fit,validate,test,predict} ...
 
@@ -64,8 +63,8 @@ examples:
   python train.py fit --ckpt_path last                  # resume the latest interrupted run
   python train.py fit --help                            # every option, described
 
-Exit codes: 0 done, 1 error, 2 bad data/config (found before the run), 130/143 interrupted
-(SIGINT/SIGTERM; a checkpoint was written). VITLENS_DEBUG=1 shows tracebacks.
+Exit codes: 0 done, 2 bad data/config (found before the run), 143 stopped by SIGTERM (last.ckpt
+written), 1 other errors and Ctrl-C (last.ckpt written too). VITLENS_DEBUG=1 shows tracebacks.
 """
 
 
@@ -126,16 +125,12 @@ if __name__ == "__main__" and sys.argv[1:] in (["-h"], ["--help"]):
     print(USAGE)
     sys.exit(0)
 
-import torch  # noqa: E402
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint  # noqa: E402
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback  # noqa: E402
 
 from vitlens.callbacks import progress_bar  # noqa: E402
 from vitlens.data import ImageDataModule  # noqa: E402
 from vitlens.models import ViTClassifier  # noqa: E402
-
-RUN_KEY = "vitlens_run"  # checkpoint key: {"wandb_id": ...}, so a resume continues the same W&B run
-
 
 class LearningRateLog(LearningRateMonitor):
     """LearningRateMonitor that stands aside when the run has no logger
@@ -172,47 +167,6 @@ class SaveConfigWithCheckpoints(SaveConfigCallback):
             self.parser.save(self.config, str(folder / self.config_filename), overwrite=True,
                              multifile=self.multifile)
         self.already_saved = True
-
-
-class RunIdentity(Callback):
-    """Writes the W&B run id into every checkpoint (`checkpoint["vitlens_run"]`)."""
-
-    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
-        from lightning.pytorch.loggers import WandbLogger
-
-        logger = trainer.logger
-        if isinstance(logger, WandbLogger) and logger.version is not None:
-            checkpoint[RUN_KEY] = {"wandb_id": str(logger.version)}
-
-
-class InterruptCheckpoint(Callback):
-    """On SIGTERM (SLURM pre-emption, CI cancel, `kill`) or Ctrl-C during fit: last.ckpt of where
-    the run is, in the run's checkpoint folder (`fit --ckpt_path last` resumes it)."""
-
-    def __init__(self) -> None:
-        self.path: str | None = None
-
-    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        from lightning.pytorch.utilities.exceptions import SIGTERMException
-
-        if not isinstance(exception, (SIGTERMException, KeyboardInterrupt)) or trainer.state.fn != "fit":
-            return
-        checkpoint = trainer.checkpoint_callback
-        folder = checkpoint.dirpath if checkpoint is not None and checkpoint.dirpath else trainer.default_root_dir
-        self.path = str(Path(folder) / "last.ckpt")
-        trainer.save_checkpoint(self.path)
-
-
-_INTERRUPT = InterruptCheckpoint()  # one per process: main() reads where it wrote
-
-
-def latest_last_checkpoint(root: str | os.PathLike) -> Path:
-    """The newest <root>/checkpoints/*/last.ckpt (what `--ckpt_path last` resumes)."""
-    found = sorted(Path(root).glob("checkpoints/*/last.ckpt"), key=lambda p: p.stat().st_mtime)
-    if not found:
-        raise FileNotFoundError(f"--ckpt_path last: no checkpoints/<run>/last.ckpt under {Path(root).resolve()}; "
-                                "give the checkpoint file, or the --trainer.default_root_dir of the run")
-    return found[-1]
 
 
 class RunIdentity(Callback):
@@ -352,6 +306,7 @@ def _cli(argv: list[str] | None) -> VitlensCLI:
         sys.argv[1:] = with_default_config(sys.argv[1:])
     else:
         argv = with_default_config(list(argv))
+    _quiet()
     return VitlensCLI(
         ViTClassifier,
         ImageDataModule,
@@ -368,36 +323,56 @@ def _cli(argv: list[str] | None) -> VitlensCLI:
                 "init_args": {"project": "vitlens", "save_dir": ".", "offline": True},
             },
         },
+        parser_kwargs={"exit_on_error": False},  # main() prints parse errors in one line
         args=argv,
     )
 
 
+def _argument_error_lines(message: str) -> list[str]:
+    """The lines of a jsonargparse error that name the culprit (our own ValueErrors inside a
+    Union/subclass dump), not its list of accepted forms and the Namespace it was given."""
+    generic = ("Does not validate against", "Subtypes:", "Errors:", "Not a valid subclass", "Subclass types expect",
+               "a class path", "a dict", "Expected a", "Given value", "Problem with given class_path")
+    lines = [" ".join(line.strip().lstrip("- ").split()) for line in message.splitlines()]
+    lines = [line for line in lines if line]
+    useful = [line for line in lines if not line.startswith(generic)]
+    return useful or lines[:1]
+
+
 # errors of the user's data or settings: one line (VITLENS_DEBUG=1 for the traceback), exit code 2
 KNOWN_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError)
-INTERRUPTED = 143  # 128 + SIGTERM, what a shell reports for a job ended by SIGTERM
 
 
 def main(argv: list[str] | None = None) -> VitlensCLI:
     """Run the CLI on `argv` (default: the command line).
 
-    A bad data set or setting ends the program with one line naming it and exit code 2
-    (`VITLENS_DEBUG=1` re-raises with the traceback); SIGTERM mid-run exits 143 after
-    last.ckpt is written (Ctrl-C: 1, as Lightning does).
+    A bad data set or setting ends the program with one line per finding naming it and exit
+    code 2 (`VITLENS_DEBUG=1` re-raises with the traceback); SIGTERM mid-run exits 143 after
+    last.ckpt is written (Ctrl-C: last.ckpt too, exit 1 as Lightning does).
     """
+    from jsonargparse import ArgumentError
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+    debug = os.environ.get("VITLENS_DEBUG", "") not in ("", "0")
     try:
         return _cli(argv)
-    except SIGTERMException:
-        print("train.py: stopped by SIGTERM; last.ckpt holds where the run was (resume with --ckpt_path last)",
-              file=sys.stderr)
-        raise SystemExit(INTERRUPTED) from None
-    except KNOWN_ERRORS as error:
-        if os.environ.get("VITLENS_DEBUG", "") not in ("", "0"):
+    except ArgumentError as error:
+        if debug:
             raise
-        for line in (str(error).strip() or type(error).__name__).splitlines():
-            print(f"train.py: error: {' '.join(line.split())}", file=sys.stderr)
-        raise SystemExit(2) from None
+        for line in _argument_error_lines(str(error)):
+            print(f"train.py: error: {line}", file=sys.stderr)
+        print("train.py: see `python train.py fit --help` for every option", file=sys.stderr)
+        raise SystemExit(EXIT_PREFLIGHT) from None
+    except SIGTERMException:
+        print("train.py: stopped by SIGTERM; last.ckpt holds where the run was (resume: the same command plus "
+              "--ckpt_path last)", file=sys.stderr)
+        raise SystemExit(EXIT_INTERRUPTED["SIGTERM"]) from None
+    except KNOWN_ERRORS as error:
+        if debug:
+            raise
+        for line in _argument_error_lines(str(error).strip() or type(error).__name__):
+            print(f"train.py: error: {line}", file=sys.stderr)
+        raise SystemExit(EXIT_PREFLIGHT) from None
 
 
 if __name__ == "__main__":
