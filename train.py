@@ -110,6 +110,8 @@ def _quiet() -> None:
         r".*Starting from v1\.9\.0, `tensorboardX` has been removed.*",
         r".*You are using a CUDA device.*",
         r".*is an invalid version and will not be supported.*",
+        r".*`weights_only` was not set.*",
+        r".*smaller than the logging interval.*",
     ):
         warnings.filterwarnings("ignore", message=message)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -340,7 +342,10 @@ def _argument_error_lines(message: str) -> list[str]:
 
 
 # errors of the user's data or settings: one line (VITLENS_DEBUG=1 for the traceback), exit code 2
-KNOWN_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError)
+def _known_errors() -> tuple[type[BaseException], ...]:
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    return (ValueError, FileNotFoundError, NotADirectoryError, MisconfigurationException)
 
 
 def main(argv: list[str] | None = None) -> VitlensCLI:
@@ -367,7 +372,7 @@ def main(argv: list[str] | None = None) -> VitlensCLI:
         print("train.py: stopped by SIGTERM; last.ckpt holds where the run was (resume: the same command plus "
               "--ckpt_path last)", file=sys.stderr)
         raise SystemExit(EXIT_INTERRUPTED["SIGTERM"]) from None
-    except KNOWN_ERRORS as error:
+    except _known_errors() as error:
         if debug:
             raise
         for line in _argument_error_lines(str(error).strip() or type(error).__name__):
