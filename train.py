@@ -111,6 +111,7 @@ def _quiet() -> None:
         r".*You are using a CUDA device.*",
         r".*is an invalid version and will not be supported.*",
         r".*`weights_only` was not set.*",
+        r".*LeafSpec.*",  # lightning 2.6 on torch 2.14
         r".*smaller than the logging interval.*",
     ):
         warnings.filterwarnings("ignore", message=message)
@@ -181,6 +182,22 @@ class RunIdentity(Callback):
         logger = trainer.logger
         if isinstance(logger, WandbLogger) and logger.version is not None:
             checkpoint["wandb_run_id"] = str(logger.version)
+
+
+class InterruptCheckpoint(Callback):
+    """SIGTERM (SLURM pre-emption, CI cancel, `kill`) or Ctrl-C during fit: last.ckpt of where the
+    run is, in the run's checkpoint folder, for `fit --ckpt_path last`. (Lightning's
+    OnExceptionCheckpoint deletes its file at teardown, and would also overwrite last.ckpt
+    with the state of a crashed run.)"""
+
+    def __init__(self, dirpath: str) -> None:
+        self.path = str(Path(dirpath) / "last.ckpt")
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        if isinstance(exception, (SIGTERMException, KeyboardInterrupt)):
+            trainer.save_checkpoint(self.path)
 
 
 def find_last_checkpoint(root: str | os.PathLike) -> Path | None:
@@ -267,7 +284,6 @@ class VitlensCLI(LightningCLI):
         """The preflight (before the W&B run or a checkpoint folder exists), then: checkpoints of
         a W&B run go to <default_root_dir>/checkpoints/<run id> (not ./<project>/<run id>); a
         resumed run keeps its folder; SIGTERM/SIGINT write last.ckpt first."""
-        from lightning.pytorch.callbacks import OnExceptionCheckpoint
         from lightning.pytorch.loggers import WandbLogger
 
         self._preflight()
@@ -300,7 +316,7 @@ class VitlensCLI(LightningCLI):
             ))
         if checkpoint is not None and checkpoint.dirpath is not None:
             # SIGTERM (SLURM, CI, kill), Ctrl-C or a crash mid-epoch: last.ckpt is where the run was
-            self.trainer.callbacks.append(OnExceptionCheckpoint(checkpoint.dirpath, filename="last"))
+            self.trainer.callbacks.append(InterruptCheckpoint(checkpoint.dirpath))
 
 
 def _cli(argv: list[str] | None) -> VitlensCLI:
