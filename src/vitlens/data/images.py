@@ -5,13 +5,23 @@ import os
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps, features
 
 from vitlens.data.errors import CorruptImageError, MissingFileError, one_line
 
-__all__ = ["IMAGE_EXTENSIONS", "read_image", "read_mask", "to_rgb"]
+__all__ = ["IMAGE_EXTENSIONS", "UNSUPPORTED_IMAGE_EXTENSIONS", "image_extension", "read_image", "read_mask", "to_rgb"]
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm",
+                    ".pbm") + ((".avif",) if features.check("avif") else ())
+# image-like files that this Pillow cannot read: reported (with counts) instead of dropped silently
+UNSUPPORTED_IMAGE_EXTENSIONS = tuple(e for e in (".heic", ".heif", ".avif", ".jxl", ".jp2", ".dng", ".cr2", ".cr3",
+                                                 ".nef", ".arw", ".orf", ".raf", ".rw2", ".raw", ".svg", ".psd")
+                                     if e not in IMAGE_EXTENSIONS)
+
+
+def image_extension(name: str) -> str:
+    """The lower-case extension of a file name, ignoring trailing spaces/dots ("a.JPG " -> ".jpg")."""
+    return os.path.splitext(name.rstrip(" ."))[1].lower()
 
 # transparent pixels are composited onto this colour
 BACKGROUND = (255, 255, 255)
@@ -50,7 +60,11 @@ def _open(path: Path, what: str) -> Image.Image:
     try:
         image = Image.open(path)
         image.load()  # decode now: truncated / corrupt data fails here, not later
-        return image
+        # EXIF orientation (phone photos): pixels as the photo is shown, not as the sensor stored them
+        transposed = ImageOps.exif_transpose(image)
+        if transposed is not image:
+            image.close()
+        return transposed
     except FileNotFoundError:
         raise MissingFileError(f"{what} file not found: {path}") from None
     except IsADirectoryError:

@@ -7,6 +7,7 @@ split and checks that every listed file exists.
 from __future__ import annotations
 
 import csv
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from vitlens.data.errors import DataError, MissingFileError
-from vitlens.data.images import IMAGE_EXTENSIONS
+from vitlens.data.images import IMAGE_EXTENSIONS, UNSUPPORTED_IMAGE_EXTENSIONS, image_extension
 
 __all__ = ["CUB_FILES", "Sample", "SourceInfo", "describe_source", "index_source", "stratified_split"]
 
@@ -43,6 +44,8 @@ class SourceInfo:
     has_boxes: bool = False
     csv_path: Path | None = None
     rows: list[dict] = field(default_factory=list, repr=False)
+    # image-like files in the class folders that cannot be read (extension -> paths); filled by index_source
+    unsupported: dict[str, list[str]] = field(default_factory=dict, repr=False)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -59,11 +62,20 @@ def _subdirs(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def _images_under(folder: Path) -> list[Path]:
+def _images_under(folder: Path, unsupported: dict[str, list[str]] | None = None) -> list[Path]:
+    """Readable images under `folder` (names with trailing spaces count); image-like files
+    Pillow cannot read (.heic, ...) are collected in `unsupported` by extension."""
     found = []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found += [Path(dirpath) / f for f in sorted(filenames) if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS)]
+        for f in sorted(filenames):
+            if f.startswith("."):
+                continue
+            ext = image_extension(f)
+            if ext in IMAGE_EXTENSIONS:
+                found.append(Path(dirpath) / f)
+            elif unsupported is not None and ext in UNSUPPORTED_IMAGE_EXTENSIONS:
+                unsupported.setdefault(ext, []).append(str(Path(dirpath) / f))
     return found
 
 
@@ -206,23 +218,26 @@ def index_source(info: SourceInfo, *, mask_column: str = "mask") -> dict[str, li
         splits = {}
         for split in ("train", "val", "test"):
             if (info.root / split).is_dir():
-                splits[split] = _index_folder(info.root / split, info.class_names, require_all=(split == "train"))
+                splits[split] = _index_folder(info.root / split, info.class_names, require_all=(split == "train"),
+                                              unsupported=info.unsupported)
     else:
-        splits = {"train": _index_folder(info.root, info.class_names, require_all=True)}
+        splits = {"train": _index_folder(info.root, info.class_names, require_all=True, unsupported=info.unsupported)}
     _check_exist(info, splits)
     return splits
 
 
-def _index_folder(folder: Path, class_names: list[str], *, require_all: bool) -> list[Sample]:
+def _index_folder(folder: Path, class_names: list[str], *, require_all: bool,
+                  unsupported: dict[str, list[str]] | None = None) -> list[Sample]:
     label_of = {name: i for i, name in enumerate(class_names)}
     samples = []
     present = _subdirs(folder)
     for d in present:
         if d.name not in label_of:
             raise DataError(f"class folder {d} is not a class of the training set (classes: {', '.join(class_names)})")
-        images = _images_under(d)
+        images = _images_under(d, unsupported)
         if not images:
-            raise DataError(f"class folder {d} holds no images (extensions: {' '.join(IMAGE_EXTENSIONS)})")
+            raise DataError(f"class folder {d} holds no readable images (extensions: {' '.join(IMAGE_EXTENSIONS)}); "
+                            "convert the photos to JPEG or PNG, or remove the folder")
         samples += [Sample(str(p), label_of[d.name]) for p in images]
     if not samples:
         raise DataError(f"{folder} holds no images in class folders")
@@ -254,6 +269,9 @@ def _index_csv(info: SourceInfo, mask_column: str) -> dict[str, list[Sample]]:
                     x, y, w, h = (float(v) for v in raw)
                 except ValueError:
                     raise DataError(f"{csv_path} line {n}: box x,y,w,h = {','.join(raw)} is not 4 numbers") from None
+                if not all(math.isfinite(v) for v in (x, y, w, h)):
+                    raise DataError(f"{csv_path} line {n}: box x,y,w,h = {','.join(raw)} is not finite; "
+                                    "give 4 numbers, or leave all four empty for an image without a box")
                 if w <= 0 or h <= 0:
                     raise DataError(f"{csv_path} line {n}: box has width {w} and height {h}; both must be > 0")
                 box = (x, y, x + w, y + h)
@@ -279,7 +297,13 @@ def _index_cub(info: SourceInfo) -> dict[str, list[Sample]]:
         label = int(tables["image_class_labels.txt"][image_id]) - 1
         if not 0 <= label < n_classes:
             raise DataError(f"{root / 'image_class_labels.txt'}: image id {image_id} has class {label + 1}, not in classes.txt (1..{n_classes})")
-        x, y, w, h = (float(v) for v in boxes[image_id])
+        try:
+            x, y, w, h = (float(v) for v in " ".join(boxes[image_id]).split())
+        except ValueError:
+            x = math.nan
+        if not all(math.isfinite(v) for v in (x, y, w, h)) or w <= 0 or h <= 0:
+            raise DataError(f"{root / 'bounding_boxes.txt'}: image id {image_id} has box {' '.join(boxes[image_id])!r}; "
+                            "need 4 finite numbers x y w h with w, h > 0")
         mask = str(segmentations / Path(rel).with_suffix(".png")) if segmentations is not None else None
         split = "train" if tables["train_test_split.txt"][image_id].strip() == "1" else "test"
         splits[split].append(Sample(str(root / "images" / rel), label, mask, (x, y, x + w, y + h)))
