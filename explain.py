@@ -9,18 +9,25 @@
 beside an overlay per method; one row per explained class), ``<name>.<method>.npy`` (the raw
 maps: (h, w), or (k, h, w) with ``--topk k``), plus ``contact_sheet.png`` and ``index.json``.
 ``evaluate`` writes ``report.json``, ``report.md`` and ``perturbation_curves.png`` (see
-``vitlens.metrics.evaluate``). Errors are one line on stderr with exit status 2
+``vitlens.metrics.evaluate``) on the split the checkpoint was trained with (its saved data
+settings; ``--data.*`` overrides them, ``vitlens.data.from_checkpoint``). Errors are one line on stderr with exit status 2
 (``VITLENS_DEBUG=1`` shows the traceback).
 """
 from __future__ import annotations
 
+import argparse
 import glob
 import json
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 DEFAULT_METHODS = ["transformer_attribution", "grad_rollout"]
+# the names of vitlens.relevance.PRECISIONS (not imported here: `--help` must not load torch)
+PRECISIONS = ("float32", "tf32", "bf16", "float64")
+SIGNED = ("positive", "absolute", "raw")
 
 
 class UserError(Exception):
@@ -28,60 +35,110 @@ class UserError(Exception):
 
 
 # ---------------------------------------------------------------------------- parser
-def build_parser():
-    from jsonargparse import ArgumentParser
+# Each subcommand is a Command in COMMANDS: its options and its runner. Runners import what
+# they need (torch, Lightning, vitlens) when they run, so `--help` stays fast.
+@dataclass
+class Command:
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], None]
 
-    from vitlens.data import ImageDataModule
 
-    def common(p):
-        p.add_argument("--ckpt", type=str | None, default=None, help="a vitlens checkpoint (.ckpt)")
-        p.add_argument("--methods", type=str, nargs="+", default=DEFAULT_METHODS,
-                       help="relevance methods (vitlens.relevance.METHODS; 'random' = chance level)")
-        p.add_argument("--out", type=str, required=True, help="output folder")
-        p.add_argument("--device", type=str, default="cuda" if _cuda() else "cpu")
-        p.add_argument("--batch-size", type=int, default=16, help="images per relevance pass")
-        p.add_argument("--precision", type=str, default="32", choices=["32", "bf16", "16"])
-        p.add_argument("--no-progress", action="store_true", help="no progress bars")
+def _precision(value: str) -> str:
+    if value == "32":  # the name used before 2026-12; float16 is not offered
+        return "float32"
+    if value not in PRECISIONS:
+        raise argparse.ArgumentTypeError(f"invalid choice: {value!r} (choose from {', '.join(PRECISIONS)})")
+    return value
 
-    maps = ArgumentParser(description="Relevance maps of images as PNG overlays and .npy arrays.")
-    common(maps)
-    maps.add_argument("--model", type=str | None, default=None, help="timm model name (instead of --ckpt)")
-    maps.add_argument("--weights", type=str | None, default=None, help="weights file for --model")
-    maps.add_argument("--img-size", type=int | None, default=None, help="input size for --model")
-    maps.add_argument("--images", type=str, nargs="+", required=True, help="files, folders or globs")
-    maps.add_argument("--target", type=str | None, default=None,
-                      help="class name or index to explain (default: the predicted class)")
-    maps.add_argument("--topk", type=int, default=1, help="explain each of the k most probable classes")
-    maps.add_argument("--alpha", type=float, default=0.5, help="overlay opacity")
-    maps.add_argument("--colormap", type=str, default="jet")
-    maps.add_argument("--resize", type=str, default="resize", choices=["resize", "center_crop"],
-                      help="how images are brought to the model's size")
-    maps.add_argument("--ncols", type=int, default=2, help="columns of the contact sheet")
 
-    evaluate = ArgumentParser(description="Perturbation, segmentation and localisation scores of relevance methods.")
-    common(evaluate)
-    evaluate.add_class_arguments(ImageDataModule, "data", skip={"image_size", "mean", "std", "backbone",
-                                                                "batch_size", "eval_batch_size"})
-    evaluate.set_defaults({"data.eval_resize": "resize", "data.num_workers": 0})
-    evaluate.add_argument("--split", type=str, default="val", choices=["train", "val", "test"])
-    evaluate.add_argument("--limit", type=int | None, default=None, help="at most this many images")
-    evaluate.add_argument("--perturbation-batch-size", type=int, default=64,
-                          help="perturbed images per forward pass")
-    evaluate.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (0: no intervals)")
-    evaluate.add_argument("--wandb", action="store_true", help="also log to a W&B run (offline unless WANDB_MODE)")
-    evaluate.add_argument("--wandb-project", type=str, default="vitlens")
+def add_common_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ckpt", metavar="FILE", help="a vitlens checkpoint (.ckpt) written by train.py")
+    p.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, metavar="METHOD",
+                   help="relevance methods, names from vitlens.relevance.METHODS, e.g. transformer_attribution "
+                        "grad_rollout rollout raw_attention attn_gradcam full_lrp random ('random' = chance "
+                        "level) (default: %(default)s)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (created if missing)")
+    p.add_argument("--device", default="auto",
+                   help="torch device: cpu, cuda, cuda:1, ... (default: auto = cuda when available, else cpu)")
+    p.add_argument("--batch-size", type=int, default=16, metavar="N",
+                   help="images per relevance pass (default: %(default)s)")
+    p.add_argument("--precision", type=_precision, default="float32", metavar="{" + ",".join(PRECISIONS) + "}",
+                   help="arithmetic of the relevance pass and the model's forwards, as "
+                        "vitlens.relevance.PRECISIONS: float32 (exact), tf32 (TF32 matmuls, Ampere+ GPUs), bf16 "
+                        "(bfloat16 matmuls; faster, maps within ~1e-2), float64 (reference; slow) "
+                        "(default: %(default)s; '32' is read as float32)")
+    p.add_argument("--signed", choices=SIGNED, default="positive",
+                   help="how maps with negative values (LRP family) are shown and scored for localisation: "
+                        "their positive part (as LRP papers show them), absolute value, or raw min-max (zero at "
+                        "mid-scale) (default: %(default)s)")
+    p.add_argument("--no-progress", action="store_true", help="no progress line")
 
-    parser = ArgumentParser(prog="explain.py", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subcommands(dest="command")
-    sub.add_subcommand("maps", maps)
-    sub.add_subcommand("evaluate", evaluate)
+
+def add_maps_arguments(p: argparse.ArgumentParser) -> None:
+    add_common_arguments(p)
+    p.add_argument("--model", metavar="NAME", help="timm model name (instead of --ckpt)")
+    p.add_argument("--weights", metavar="FILE", help="weights file for --model (.safetensors, .pth, .bin)")
+    p.add_argument("--img-size", type=int, metavar="PX", help="input size for --model (default: the model's)")
+    p.add_argument("--images", nargs="+", required=True, metavar="PATH", help="image files, folders or globs")
+    p.add_argument("--target", metavar="CLASS",
+                   help="class name or index to explain (default: the predicted class)")
+    p.add_argument("--topk", type=int, default=1, metavar="K",
+                   help="explain each of the K most probable classes (default: %(default)s)")
+    p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity, 0..1 (default: %(default)s)")
+    p.add_argument("--colormap", default="jet", help="matplotlib colormap of the overlays (default: %(default)s)")
+    p.add_argument("--resize", choices=["resize", "center_crop"], default="resize",
+                   help="how images are brought to the model's size (default: %(default)s)")
+    p.add_argument("--ncols", type=int, default=2, help="columns of the contact sheet (default: %(default)s)")
+
+
+def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
+    add_common_arguments(p)
+    data = p.add_argument_group(
+        "data", "The checkpoint's own data settings are used (the split and eval transform it was trained "
+                "with); these override them. An override that puts training images into the evaluated split "
+                "is an error.")
+    data.add_argument("--data.path", dest="data_path", metavar="PATH",
+                      help="image folder, CSV manifest or CUB-200-2011 root (default: the checkpoint's)")
+    data.add_argument("--data.val_fraction", dest="data_val_fraction", type=float, metavar="F",
+                      help="fraction of train that is val when the source has no val split (default: the checkpoint's)")
+    data.add_argument("--data.seed", dest="data_seed", type=int, metavar="N",
+                      help="seed of that val split (default: the checkpoint's)")
+    data.add_argument("--data.eval_resize", dest="data_eval_resize", choices=["center_crop", "resize"],
+                      help="eval transform (default: the checkpoint's)")
+    data.add_argument("--data.crop_pct", dest="data_crop_pct", type=float, metavar="F",
+                      help="centre-crop fraction for center_crop (default: the checkpoint's)")
+    data.add_argument("--data.mask_column", dest="data_mask_column", metavar="NAME",
+                      help="CSV column of the object masks, e.g. parts_mask (default: the checkpoint's)")
+    data.add_argument("--data.num_workers", dest="data_num_workers", type=int, default=0, metavar="N",
+                      help="DataLoader worker processes (default: %(default)s)")
+    p.add_argument("--split", choices=["train", "val", "test"], default="val",
+                   help="which split to evaluate (default: %(default)s)")
+    p.add_argument("--limit", type=int, metavar="N", help="at most N images (default: all)")
+    p.add_argument("--perturbation-batch-size", type=int, metavar="N",
+                   help="perturbed images per forward pass (default: 64 on a CPU, 256 on a GPU)")
+    p.add_argument("--bootstrap", type=int, default=1000, metavar="N",
+                   help="bootstrap resamples for the 95%% intervals, 0 = none (default: %(default)s)")
+    p.add_argument("--wandb", action="store_true", help="also log to a W&B run (offline unless WANDB_MODE says otherwise)")
+    p.add_argument("--wandb-project", default="vitlens", help="W&B project (default: %(default)s)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="explain.py", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="Run 'explain.py COMMAND --help' for a command's options.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, command in COMMANDS.items():
+        command.add_arguments(sub.add_parser(name, help=command.help, description=command.help))
     return parser
 
 
-def _cuda() -> bool:
+def _device(name: str):
     import torch
 
-    return torch.cuda.is_available()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
 
 
 # ---------------------------------------------------------------------------- models
@@ -181,10 +238,11 @@ def run_maps(args) -> None:
     import torch
 
     from vitlens.data import denormalize, eval_transform, read_image
+    from vitlens.metrics.evaluate import ProgressLine
     from vitlens.relevance import explain_many
     from vitlens.relevance.display import contact_sheet, explanation_panel, save_png
 
-    device = torch.device(args.device)
+    device = _device(args.device)
     model, class_names, mean, std, size = load_model(args, device)
     target = resolve_target(args.target, class_names)
     if args.topk < 1:
@@ -195,11 +253,11 @@ def run_maps(args) -> None:
     transform = eval_transform(size, mean, std, args.resize)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    precision = "bf16" if args.precision == "bf16" else None
+    precision = args.precision
     no_boxes = np.zeros((0, 4), np.float32)
     panels, index = [], []
-    progress = _track(range(0, len(paths), args.batch_size), "explaining", not args.no_progress)
-    for start in progress:
+    bar = ProgressLine(len(paths), not args.no_progress, label="explaining")
+    for start in range(0, len(paths), args.batch_size):
         chunk = paths[start:start + args.batch_size]
         images = torch.stack([torch.from_numpy(transform(image=read_image(p), bboxes=no_boxes, box_ids=[])["image"]).permute(2, 0, 1)
                               for p in chunk]).to(device)
@@ -219,7 +277,7 @@ def run_maps(args) -> None:
                 c = int(classes[i, k])
                 title = f"{class_names[c]} {float(probs[i, c]):.2f}"
                 rows.append(explanation_panel(images01[i], {m: maps[k][m][i].float().cpu() for m in args.methods},
-                                              title, alpha=args.alpha, colormap=args.colormap))
+                                              title, alpha=args.alpha, colormap=args.colormap, signed=args.signed))
             panel = np.concatenate(rows, axis=0)
             save_png(panel, out / f"{name}.png")
             panels.append(panel)
@@ -231,51 +289,49 @@ def run_maps(args) -> None:
                           "probability": float(probs[i].max()),
                           "explained": [{"class": class_names[int(c)], "index": int(c), "probability": float(probs[i, c])}
                                         for c in classes[i]]})
+        bar.update(len(chunk))
+    bar.close()
     save_png(contact_sheet(panels, args.ncols), out / "contact_sheet.png")
     (out / "index.json").write_text(json.dumps({"methods": args.methods, "images": index}, indent=2))
     print(f"wrote {len(paths)} overlays, {len(paths) * len(args.methods)} maps and contact_sheet.png to {out}")
-
-
-def _track(iterable, description: str, enabled: bool):
-    if not enabled:
-        return iterable
-    from rich.progress import track
-
-    return track(iterable, description=description, transient=False)
 
 
 # ---------------------------------------------------------------------------- evaluate
 def run_evaluate(args) -> None:
     import torch
 
-    from vitlens.data import ImageDataModule
+    from vitlens.data.from_checkpoint import evaluation_datamodule
     from vitlens.metrics.evaluate import evaluate_explanations
     from vitlens.relevance.display import plot_perturbation_curves
 
     if not args.ckpt:
         raise UserError("evaluate needs --ckpt RUN.ckpt")
-    device = torch.device(args.device)
+    device = _device(args.device)
     model, class_names, mean, std, size = load_model(args, device)
-    data_args = dict(args.data)
-    dm = ImageDataModule(**data_args, image_size=size, mean=mean, std=std, batch_size=1,
-                         eval_batch_size=args.batch_size)
-    if list(dm.class_names) != class_names:
-        raise UserError(f"{args.data.path} has classes {_short(dm.class_names)} but the checkpoint "
-                        f"{args.ckpt} has {_short(class_names)}")
+    overrides = {key: getattr(args, f"data_{key}") for key in
+                 ("path", "val_fraction", "seed", "eval_resize", "crop_pct", "mask_column")}
+    data = evaluation_datamodule(args.ckpt, overrides, split=args.split, class_names=class_names, image_size=size,
+                                 mean=mean, std=std, batch_size=1, eval_batch_size=args.batch_size,
+                                 num_workers=args.data_num_workers)
+    for note in data.notes:
+        print(f"note: {note}", file=sys.stderr)
+    dm = data.datamodule
     dm.setup("fit" if args.split != "test" else "test")
     dataset = {"train": dm.train_dataset, "val": dm.val_dataset, "test": dm.test_dataset}[args.split]
     if dataset is None:
-        raise UserError(f"{args.data.path} has no {args.split} split")
+        raise UserError(f"{dm.path} has no {args.split} split")
     if args.split == "train":  # explain un-augmented training images
         dataset.transform = dm.eval_transform()
-    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=args.data.num_workers)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=args.data_num_workers)
     n = len(dataset) if args.limit is None else min(len(dataset), args.limit)
     report = evaluate_explanations(model, loader, args.methods, mean, std, limit=args.limit,
-                                   perturbation_batch_size=args.perturbation_batch_size, precision=args.precision,
-                                   n_resamples=args.bootstrap, progress=not args.no_progress,
-                                   total_batches=-(-n // args.batch_size))
-    report.meta.update(model=Path(args.ckpt).name, checkpoint=str(args.ckpt), data=str(args.data.path),
-                       split=args.split, methods=list(args.methods))
+                                   perturbation_batch_size=args.perturbation_batch_size or (256 if device.type == "cuda" else 64),
+                                   precision=args.precision, signed=args.signed, n_resamples=args.bootstrap,
+                                   progress=not args.no_progress, total_images=n)
+    report.meta.update(model=Path(args.ckpt).name, checkpoint=str(args.ckpt), data=str(dm.path),
+                       split=args.split, methods=list(args.methods),
+                       data_settings={k: data.settings[k] for k in data.settings if k != "generate_options"},
+                       data_settings_origin=data.origin)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(report.to_json())
@@ -315,18 +371,24 @@ def log_to_wandb(report, fig, out: Path, args) -> None:
 
 
 # ---------------------------------------------------------------------------- main
-def main(argv=None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    command = args.command
-    sub_args = args[command]
-    try:
-        from vitlens.relevance import METHODS
+COMMANDS: dict[str, Command] = {
+    "maps": Command("Relevance maps of images as PNG overlays and .npy arrays.", add_maps_arguments, run_maps),
+    "evaluate": Command("Perturbation, segmentation and localisation scores of relevance methods on a "
+                        "checkpoint's validation (or test) split.", add_evaluate_arguments, run_evaluate),
+}
 
-        unknown = [m for m in sub_args.methods if m not in METHODS]
-        if unknown:
-            raise UserError(f"unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
-        (run_maps if command == "maps" else run_evaluate)(sub_args)
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    command = args.command
+    try:
+        if hasattr(args, "methods"):
+            from vitlens.relevance import METHODS
+
+            unknown = [m for m in args.methods if m not in METHODS]
+            if unknown:
+                raise UserError(f"unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
+        COMMANDS[command].run(args)
     except (UserError, ValueError, OSError, KeyError, TypeError) as error:
         if os.environ.get("VITLENS_DEBUG"):
             raise

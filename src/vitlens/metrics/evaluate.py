@@ -13,8 +13,11 @@ the ground-truth class, then runs
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
+import sys
+import time
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
@@ -22,25 +25,48 @@ import torch
 
 from vitlens.metrics.bootstrap import bootstrap_ci
 from vitlens.metrics.localization import LocalizationScores, boxes_to_masks
-from vitlens.metrics.perturbation import PAPER_FRACTIONS, PerturbationResult, perturbation_auc
+from vitlens.metrics.perturbation import PAPER_FRACTIONS, TESTS, PerturbationResult, _perturbed_rows, _result
 from vitlens.metrics.segmentation import SegmentationScores
 from vitlens.relevance.heatmap import heatmap
 
-AUTOCAST_DTYPES = {"32": None, "bf16": torch.bfloat16, "16": torch.float16}
+PRECISIONS = ("float32", "tf32", "bf16", "float64")  # the names of vitlens.relevance.PRECISIONS
+SIGNED = ("positive", "absolute", "raw")  # how signed maps enter localisation (vitlens.relevance.heatmap)
+# methods whose map does not depend on the explained class: explained (and perturbed) once per image
+CLASS_AGNOSTIC = frozenset({"rollout", "raw_attention", "random"})
 
 
-class Autocast(torch.nn.Module):
-    """Runs ``model``'s forward under ``torch.autocast`` (for the perturbation test's forwards)."""
+def check_precision(precision: str) -> str:
+    """``precision`` in the vocabulary of ``vitlens.relevance.PRECISIONS`` (``"32"`` is read as float32)."""
+    if precision == "32":
+        return "float32"
+    if precision not in PRECISIONS:
+        hint = " (float16 is not offered: use bf16)" if precision in ("16", "fp16", "float16") else ""
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}{hint}")
+    return precision
 
-    def __init__(self, model: torch.nn.Module, dtype: torch.dtype | None):
+
+class PrecisionForward(torch.nn.Module):
+    """``model``'s forward in ``precision`` (for the perturbation test's forwards).
+
+    float32: full float32 matmuls whatever torch's global TF32 setting; tf32: TF32 matmuls
+    (Ampere+ GPUs; float32 elsewhere); bf16: ``torch.autocast`` to bfloat16; float64: a
+    float64 copy of the model (the model itself is left as it is).
+    """
+
+    def __init__(self, model: torch.nn.Module, precision: str):
         super().__init__()
-        self.model = model
-        self.dtype = dtype
+        self.precision = check_precision(precision)
+        self.model = copy.deepcopy(model).double() if self.precision == "float64" else model
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        if self.dtype is None:
-            return self.model(images)
-        with torch.autocast(images.device.type, dtype=self.dtype):
+        from vitlens.relevance.backbone import float32_precision
+
+        if self.precision == "float64":
+            return self.model(images.double())
+        if self.precision == "bf16":
+            with torch.autocast(images.device.type, dtype=torch.bfloat16):
+                return self.model(images)
+        with float32_precision(self.precision == "tf32"):
             return self.model(images)
 
 
@@ -107,16 +133,58 @@ class EvaluationReport:
         return "\n".join(lines)
 
 
-def _progress(total: int | None, enabled: bool):
-    if not enabled:
-        return None
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+def _clock(seconds: float) -> str:
+    s = int(seconds + 0.5)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
 
-    progress = Progress(TextColumn("explaining + scoring"), BarColumn(), MofNCompleteColumn(),
-                        TimeRemainingColumn(), transient=False)
-    progress.start()
-    task = progress.add_task("batches", total=total)
-    return progress, task
+
+class ProgressLine:
+    """One progress line: ``evaluating  96/300 images  3.1 img/s  ETA 1:05``.
+
+    On a terminal the line is rewritten in place; elsewhere (log files, CI) a whole line is
+    printed at most every ``every`` seconds and at the end.
+    """
+
+    def __init__(self, total: int | None, enabled: bool = True, *, stream=None, label: str = "evaluating",
+                 every: float = 15.0):
+        self.total, self.enabled, self.label, self.every = total, enabled, label, every
+        self.stream = stream if stream is not None else sys.stderr
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.done = 0
+        self.start = time.perf_counter()
+        self.last_print = -float("inf")
+
+    def text(self) -> str:
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        rate = self.done / elapsed
+        of = f"/{self.total}" if self.total else ""
+        line = f"{self.label}  {self.done}{of} images  {rate:.1f} img/s"
+        if self.total and rate > 0 and self.done < self.total:
+            line += f"  ETA {_clock((self.total - self.done) / rate)}"
+        elif self.done:
+            line += f"  took {elapsed:.1f} s"
+        return line
+
+    def update(self, n: int) -> None:
+        self.done += n
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        if self.tty:
+            self.stream.write("\r" + self.text() + "\033[K")
+            self.stream.flush()
+        elif now - self.last_print >= self.every:
+            self.last_print = now
+            print(self.text(), file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if not self.enabled or not self.done:
+            return
+        if self.tty:
+            self.stream.write("\r" + self.text() + "\033[K\n")
+        else:
+            print(self.text(), file=self.stream)
+        self.stream.flush()
 
 
 def evaluate_explanations(
@@ -128,12 +196,13 @@ def evaluate_explanations(
     *,
     limit: int | None = None,
     perturbation_batch_size: int = 64,
-    precision: str = "32",
+    precision: str = "float32",
+    signed: str = "positive",
     fractions: Sequence[float] = PAPER_FRACTIONS,
     n_resamples: int = 1000,
     seed: int = 0,
     progress: bool = True,
-    total_batches: int | None = None,
+    total_images: int | None = None,
 ) -> EvaluationReport:
     """Explain and score every method on up to ``limit`` images of ``batches``.
 
@@ -143,25 +212,42 @@ def evaluate_explanations(
             ``box``/``has_box``), images normalised with ``mean``/``std``.
         methods: relevance method names (``vitlens.relevance.METHODS``; ``random`` is the
             chance level).
-        precision: ``"32"``, ``"bf16"`` or ``"16"``: autocast for the perturbation forwards
-            (and bf16 matmuls for the relevance pass when ``"bf16"``).
+        perturbation_batch_size: perturbed images per forward pass.
+        precision: ``"float32"``, ``"tf32"``, ``"bf16"`` or ``"float64"`` (the names of
+            ``vitlens.relevance.PRECISIONS``) for the relevance pass and the perturbation
+            forwards (see :class:`PrecisionForward`); ``"32"`` is read as float32.
+        signed: how maps with negative values (LRP family) enter the localisation scores
+            (pointing game, relevance on object, ROC AUC): ``"positive"`` (their positive part,
+            as LRP papers show them; the default), ``"absolute"`` or ``"raw"`` (plain min-max,
+            which puts a signed map's zero at mid-scale). Non-negative maps score the same
+            under all three. The perturbation and segmentation tests always follow the paper
+            (raw min-max; the perturbation test only uses the maps' order).
         n_resamples, seed: the bootstrap intervals (``n_resamples=0``: none).
+        total_images: for the progress line's ETA.
+
+    Cost: per batch, one relevance pass for all methods (predicted class), one more for the
+    class-specific methods on the misclassified images (target class), one clean forward, and
+    the perturbed forwards of every distinct map: a class-agnostic method's map
+    (``CLASS_AGNOSTIC``) is perturbed once and serves both the predicted and the target
+    class (their probabilities are read from the same logits).
     """
     from vitlens.relevance import explain_many
 
-    if precision not in AUTOCAST_DTYPES:
-        raise ValueError(f"precision must be one of {list(AUTOCAST_DTYPES)}, got {precision!r}")
+    precision = check_precision(precision)
+    if signed not in SIGNED:
+        raise ValueError(f"signed must be one of {', '.join(SIGNED)}, got {signed!r}")
     methods = list(dict.fromkeys(methods))
+    specific = [m for m in methods if m not in CLASS_AGNOSTIC]
     device = next(model.parameters()).device
-    forward_model = Autocast(model, AUTOCAST_DTYPES[precision])
-    explain_precision = "bf16" if precision == "bf16" else None
+    forward_model = PrecisionForward(model, precision)
     pred_parts = {m: [] for m in methods}
     target_parts = {m: [] for m in methods}
     seg = {m: SegmentationScores() for m in methods}
     loc = {m: LocalizationScores() for m in methods}
     any_masks = any_boxes = False
     seen = correct = 0
-    bar = _progress(total_batches, progress)
+    bar = ProgressLine(total_images if limit is None or total_images is None else min(total_images, limit), progress)
+    fractions = tuple(float(f) for f in fractions)
     was_training = model.training
     model.eval()
     try:
@@ -171,52 +257,75 @@ def evaluate_explanations(
             take = len(batch["label"]) if limit is None else min(len(batch["label"]), limit - seen)
             images = batch["image"][:take].to(device)
             labels = batch["label"][:take].to(device)
-            out = explain_many(model, images, methods, None, precision=explain_precision)
+            out = explain_many(model, images, methods, None, precision=precision)
             pred = out.targets
             correct += int((pred == labels).sum())
             wrong = (pred != labels).nonzero().flatten()
-            out_target = (explain_many(model, images[wrong], methods, labels[wrong], precision=explain_precision)
-                          if len(wrong) else None)
+            out_target = (explain_many(model, images[wrong], specific, labels[wrong], precision=precision)
+                          if len(wrong) and specific else None)
+            with torch.inference_mode():  # one clean pass for every map and test
+                clean_logits = forward_model(images)
+                if isinstance(clean_logits, (tuple, list)):
+                    clean_logits = clean_logits[0]
+                clean_logits = clean_logits.float()
+            clean_correct = clean_logits.argmax(1) == labels
+            clean_prob = clean_logits.softmax(1)
+            clean_pred_prob = clean_prob.gather(1, pred[:, None])[:, 0]
+            clean_label_prob = clean_prob.gather(1, labels[:, None])[:, 0]
+            # every distinct (image, map) once: the predicted-class map of each method (probability
+            # read for the predicted and the true class), the true-class map of the class-specific
+            # methods on the misclassified images
+            both = torch.stack([pred, labels], 1)
+            entries = [(images, labels, both, out.maps[m].float()) for m in methods]
+            if out_target is not None:
+                truth = torch.stack([labels[wrong], labels[wrong]], 1)
+                entries += [(images[wrong], labels[wrong], truth, out_target.maps[m].float()) for m in specific]
+            rel = [e[3] for e in entries]
+            cors, probs = [None] * len(entries), [None] * len(entries)
+            by_shape: dict[tuple, list[int]] = {}  # maps of one shape stream through one call
+            for idx, e in enumerate(entries):
+                by_shape.setdefault(tuple(e[3].shape[1:]), []).append(idx)
+            for idxs in by_shape.values():
+                sizes = [len(entries[i][0]) for i in idxs]
+                c, p = _perturbed_rows(
+                    forward_model, *(torch.cat([entries[i][part] for i in idxs]) for part in (0, 3, 1, 2)), mean, std,
+                    fractions=fractions, batch_size=perturbation_batch_size, mode="pixels", fill="black",
+                    patch_size=None, blur_sigma=8.0, tests=TESTS, clean=False)
+                for i, ci, pi in zip(idxs, c.cpu().split(sizes), p.cpu().split(sizes)):
+                    cors[i], probs[i] = ci, pi
+            wrong_cpu = wrong.cpu()
+            clean_c, clean_pp, clean_lp = clean_correct.cpu(), clean_pred_prob.cpu(), clean_label_prob.cpu()
             h, w = images.shape[-2:]
-            masks = valid = None
+            masks, valid = _object_masks(batch, take, (h, w), device)
             if "mask" in batch:
-                masks = batch["mask"][:take].to(device)
-                valid = batch.get("has_mask", torch.ones(take, dtype=torch.bool))[:take].to(device)
-                any_masks |= bool(valid.any())
+                any_masks |= bool(batch.get("has_mask", torch.ones(take, dtype=torch.bool))[:take].any())
             if "box" in batch:
-                box_masks = boxes_to_masks(batch["box"][:take].to(device), (h, w))
-                has_box = batch.get("has_box", torch.ones(take, dtype=torch.bool))[:take].to(device)
-                any_boxes |= bool(has_box.any())
-                if masks is None:
-                    masks, valid = box_masks, has_box
-                else:  # a sample's mask where it has one, else its box
-                    masks = torch.where(valid.view(-1, 1, 1), masks, box_masks)
-                    valid = valid | has_box
-            for m in methods:
-                rel = out.maps[m].float()
-                res = perturbation_auc(forward_model, images, rel, labels, mean, std, targets=pred,
-                                       fractions=fractions, batch_size=perturbation_batch_size)
+                any_boxes |= bool(batch.get("has_box", torch.ones(take, dtype=torch.bool))[:take].any())
+            for i, m in enumerate(methods):
+                res = _result(cors[i], probs[i][..., 0], fractions, TESTS, clean=(clean_c, clean_pp))
                 pred_parts[m].append(res)
                 per = {k: v.clone() for k, v in res.per_image().items()}
-                if out_target is not None:
-                    # correctly classified images: the target class is the predicted one
-                    res_t = perturbation_auc(forward_model, images[wrong], out_target.maps[m].float(), labels[wrong],
-                                             mean, std, fractions=fractions, batch_size=perturbation_batch_size)
-                    for k, v in res_t.per_image().items():
-                        per[k][wrong.cpu()] = v
+                if len(wrong):
+                    if m in CLASS_AGNOSTIC:  # same map: the same rows, the true class's probability
+                        res_t = _result(cors[i][wrong_cpu], probs[i][wrong_cpu][..., 1], fractions, TESTS,
+                                        clean=(clean_c[wrong_cpu], clean_lp[wrong_cpu]))
+                    else:
+                        j = len(methods) + specific.index(m)
+                        res_t = _result(cors[j], probs[j][..., 0], fractions, TESTS,
+                                        clean=(clean_c[wrong_cpu], clean_lp[wrong_cpu]))
+                    for key, v in res_t.per_image().items():
+                        per[key][wrong_cpu] = v
+                # correctly classified images: the target class is the predicted one
                 target_parts[m].append(PerturbationResult.from_per_image(res.fractions, **per))
                 if masks is not None and bool(valid.any()):
-                    maps = heatmap(rel, (h, w))
                     if "mask" in batch:
-                        seg[m].update(maps, batch["mask"][:take].to(device), batch.get(
+                        seg[m].update(heatmap(rel[i], (h, w)), batch["mask"][:take].to(device), batch.get(
                             "has_mask", torch.ones(take, dtype=torch.bool))[:take].to(device))
-                    loc[m].update(maps, masks, valid)
+                    loc[m].update(heatmap(rel[i], (h, w), signed=signed), masks, valid)
             seen += take
-            if bar is not None:
-                bar[0].update(bar[1], advance=1)
+            bar.update(take)
     finally:
-        if bar is not None:
-            bar[0].stop()
+        bar.close()
         if was_training:
             model.train()
     if seen == 0:
@@ -252,6 +361,23 @@ def evaluate_explanations(
             scores["n_localised"] = l_scores["n_images"]
         report[m] = scores
     meta = {"n_images": seen, "accuracy": correct / seen, "fractions": list(curves[methods[0]].fractions),
-            "precision": precision, "bootstrap_resamples": n_resamples, "has_masks": any_masks,
+            "precision": precision, "signed": signed, "bootstrap_resamples": n_resamples, "has_masks": any_masks,
             "has_boxes": any_boxes}
     return EvaluationReport(report, curves, curves_target, meta)
+
+
+def _object_masks(batch: dict, take: int, size: tuple[int, int], device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(B, H, W) object masks and (B,) validity: a sample's mask where it has one, else its box."""
+    masks = valid = None
+    if "mask" in batch:
+        masks = batch["mask"][:take].to(device)
+        valid = batch.get("has_mask", torch.ones(take, dtype=torch.bool))[:take].to(device)
+    if "box" in batch:
+        box_masks = boxes_to_masks(batch["box"][:take].to(device), size)
+        has_box = batch.get("has_box", torch.ones(take, dtype=torch.bool))[:take].to(device)
+        if masks is None:
+            masks, valid = box_masks, has_box
+        else:
+            masks = torch.where(valid.view(-1, 1, 1), masks, box_masks)
+            valid = valid | has_box
+    return masks, valid

@@ -235,7 +235,42 @@ def perturbation_auc(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
 
+    correct, prob = _perturbed_rows(model, images, relevance, labels, targets[:, None], mean, std,
+                                    fractions=fractions, batch_size=batch_size, mode=mode, fill=fill,
+                                    patch_size=patch_size, blur_sigma=blur_sigma, tests=tests, clean=True)
+    return _result(correct, prob[..., 0], fractions, tests, clean=None)
+
+
+def _result(correct: torch.Tensor, prob: torch.Tensor, fractions: tuple[float, ...], tests: Sequence[str],
+            clean: tuple[torch.Tensor, torch.Tensor] | None) -> PerturbationResult:
+    """Per-image rows -> a result. ``correct``/``prob`` (N, S): the clean column first unless
+    ``clean`` = (correct (N,), prob (N,)) gives it separately (one clean pass shared by many maps)."""
+    correct, prob = correct.cpu(), prob.cpu()
+    if clean is not None:
+        correct = torch.cat([clean[0].cpu().view(-1, 1), correct], 1)
+        prob = torch.cat([clean[1].cpu().view(-1, 1).to(prob.dtype), prob], 1)
+    per_image, col = {}, 1
+    for name in TESTS:
+        if name not in tests:
+            continue
+        idx = [0] + list(range(col, col + len(fractions)))
+        col += len(fractions)
+        prefix = "pos" if name == "positive" else "neg"
+        per_image[f"{prefix}_correct"] = correct[:, idx]
+        per_image[f"{prefix}_target_probability"] = prob[:, idx]
+    return PerturbationResult.from_per_image((0.0,) + tuple(fractions), **per_image)
+
+
+def _perturbed_rows(model, images, relevance, labels, targets, mean, std, *, fractions, batch_size, mode, fill,
+                    patch_size, blur_sigma, tests, clean):
+    """Every perturbed image (and the clean one first when ``clean``) through the model.
+
+    ``targets`` (N, T): the classes whose probability is read from each row's logits (several
+    per image, so one forward serves e.g. the predicted and the true class). Returns
+    ``correct`` (N, S) bool against ``labels`` and ``prob`` (N, S, T), S = [1 +] 9 per test.
+    """
     device = _model_device(model) if isinstance(model, torch.nn.Module) else images.device
+    n, _, h, w = images.shape
     images = images.to(device)
     labels = labels.to(device)
     targets = targets.to(device)
@@ -256,9 +291,9 @@ def perturbation_auc(
     # Number removed at each step, exactly int(f * H * W) (int(f * patches) in patches mode).
     counts = [int(f * n_units) for f in fractions]
 
-    # Rows per image: clean, then every step of every test that runs.
-    step_test = [0] + [1] * len(counts) * ("positive" in tests) + [2] * len(counts) * ("negative" in tests)
-    step_k = [0] + counts * ("positive" in tests) + counts * ("negative" in tests)
+    # Rows per image: clean (when asked), then every step of every test that runs.
+    step_test = [0] * clean + [1] * len(counts) * ("positive" in tests) + [2] * len(counts) * ("negative" in tests)
+    step_k = [0] * clean + counts * ("positive" in tests) + counts * ("negative" in tests)
     n_steps = len(step_k)
     step_test_t = torch.tensor(step_test, device=device)
     step_k_t = torch.tensor(step_k, device=device)
@@ -267,7 +302,7 @@ def perturbation_auc(
     if isinstance(model, torch.nn.Module):
         model.eval()
     correct = torch.empty(n, n_steps, dtype=torch.bool, device=device)
-    prob = torch.empty(n, n_steps, dtype=torch.float32, device=device)
+    prob = torch.empty(n, n_steps, targets.shape[1], dtype=torch.float32, device=device)
     try:
         with torch.inference_mode():
             # batch_size images per group: their n_steps * batch_size rows fill whole model calls
@@ -284,23 +319,12 @@ def perturbation_auc(
     finally:
         if was_training:
             model.train()
-
-    correct, prob = correct.cpu(), prob.cpu()
-    per_image, col = {}, 1
-    for name in TESTS:
-        if name not in tests:
-            continue
-        idx = [0] + list(range(col, col + len(counts)))
-        col += len(counts)
-        prefix = "pos" if name == "positive" else "neg"
-        per_image[f"{prefix}_correct"] = correct[:, idx]
-        per_image[f"{prefix}_target_probability"] = prob[:, idx]
-    return PerturbationResult.from_per_image((0.0,) + fractions, **per_image)
+    return correct, prob
 
 
 def _run_group(model, images, relevance, labels, targets, mean_t, std_t, step_test, step_k, *,
                batch_size, mode, fill, patch_size, blur_sigma, size):
-    """All rows (clean + steps) of a few images -> (m, S) correctness and target probability."""
+    """All rows (clean + steps) of a few images -> (m, S) correctness and (m, S, T) target probabilities."""
     m = images.shape[0]
     h, w = size
     maps = heatmap(relevance, size)
@@ -320,7 +344,7 @@ def _run_group(model, images, relevance, labels, targets, mean_t, std_t, step_te
     rows_image = torch.arange(m, device=images.device).repeat_interleave(n_steps)
     rows_step = torch.arange(n_steps, device=images.device).repeat(m)
     logits_correct = torch.empty(m * n_steps, dtype=torch.bool, device=images.device)
-    logits_prob = torch.empty(m * n_steps, dtype=torch.float32, device=images.device)
+    logits_prob = torch.empty(m * n_steps, targets.shape[1], dtype=torch.float32, device=images.device)
     for start in range(0, m * n_steps, batch_size):
         r = slice(start, min(start + batch_size, m * n_steps))
         img_i, step_i = rows_image[r], rows_step[r]
@@ -339,5 +363,5 @@ def _run_group(model, images, relevance, labels, targets, mean_t, std_t, step_te
             logits = logits[0]
         logits = logits.float()
         logits_correct[r] = logits.argmax(1) == labels[img_i]
-        logits_prob[r] = logits.softmax(1).gather(1, targets[img_i].unsqueeze(1)).squeeze(1)
-    return logits_correct.view(m, n_steps), logits_prob.view(m, n_steps)
+        logits_prob[r] = logits.softmax(1).gather(1, targets[img_i])
+    return logits_correct.view(m, n_steps), logits_prob.view(m, n_steps, -1)

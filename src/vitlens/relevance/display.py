@@ -45,16 +45,19 @@ def colorize(heatmaps, colormap: str = "jet") -> np.ndarray:
     return (_lut(colormap)[idx] * 255 + 0.5).astype(np.uint8)
 
 
-def overlay(images01, heatmaps, alpha: float = 0.5, colormap: str = "jet") -> np.ndarray:
+def overlay(images01, heatmaps, alpha: float = 0.5, colormap: str = "jet", *, signed: str = "positive") -> np.ndarray:
     """Blend heat maps over images: uint8 (B, H, W, 3).
 
     Args:
         images01: (B, 3, H, W) or (B, H, W, 3) images in [0, 1] (tensor or array; a
             uint8 array is taken as 0..255).
         heatmaps: (B, H, W) maps in [0, 1]. Maps of another size (e.g. the patch grid) are
-            upsampled and min-max normalised with :func:`vitlens.relevance.heatmap`.
+            upsampled and scaled with :func:`vitlens.relevance.heatmap` (``signed``).
         alpha: weight of the colour map (0 = the image only, 1 = the map only).
         colormap: any matplotlib colormap name.
+        signed: for maps that are scaled here, how negative values are shown:
+            ``"positive"`` (only the evidence for the class, as LRP papers show it; zero is the
+            colour map's bottom), ``"absolute"`` or ``"raw"`` (min-max: zero at mid-scale).
     """
     images = _to_numpy(images01)
     if images.dtype == np.uint8:
@@ -68,7 +71,7 @@ def overlay(images01, heatmaps, alpha: float = 0.5, colormap: str = "jet") -> np
     if maps.dim() != 3 or maps.shape[0] != b:
         raise ValueError(f"heatmaps must be ({b}, h, w) for {b} images, got shape {tuple(maps.shape)}")
     if tuple(maps.shape[1:]) != (h, w):
-        maps = heatmap(maps, (h, w))
+        maps = heatmap(maps, (h, w), signed=signed)
     colours = colorize(maps, colormap).astype(np.float32) / 255
     out = (1 - alpha) * np.clip(images, 0, 1) + alpha * colours
     return (out * 255 + 0.5).astype(np.uint8)
@@ -148,10 +151,12 @@ def contact_sheet(tiles: Sequence[np.ndarray], ncols: int = 4, *, gap: int = 4) 
 
 
 def explanation_panel(image01, heatmaps: Mapping[str, torch.Tensor], title: str, *, alpha: float = 0.5,
-                      colormap: str = "jet", min_size: int = 160) -> np.ndarray:
+                      colormap: str = "jet", min_size: int = 160, signed: str = "positive") -> np.ndarray:
     """One image beside an overlay of each method's map: uint8 (H', W', 3).
 
-    ``image01``: (3, H, W) in [0, 1]; ``heatmaps``: method name -> (H, W) or (h, w) map;
+    ``image01``: (3, H, W) in [0, 1]; ``heatmaps``: method name -> (H, W) or (h, w) raw map
+    (upsampled and scaled to [0, 1] with :func:`vitlens.relevance.heatmap`, ``signed``: see
+    :func:`overlay`);
     ``title``: the first tile's caption (e.g. "cardinal 0.93"); overlays are captioned
     with the method names. Small images are enlarged (whole factors, nearest neighbour) to
     at least ``min_size`` pixels so captions stay readable.
@@ -161,7 +166,8 @@ def explanation_panel(image01, heatmaps: Mapping[str, torch.Tensor], title: str,
     tiles, names = [base], [title]
     for name, m in heatmaps.items():
         m = m if isinstance(m, torch.Tensor) else torch.as_tensor(np.asarray(m))
-        tiles.append(overlay(image, m.unsqueeze(0), alpha=alpha, colormap=colormap)[0])
+        m = heatmap(m.unsqueeze(0), tuple(image.shape[-2:]), signed=signed)  # raw pixel-level maps too
+        tiles.append(overlay(image, m, alpha=alpha, colormap=colormap)[0])
         names.append(name)
     return side_by_side([upscale(t, min_size) for t in tiles], names)
 
