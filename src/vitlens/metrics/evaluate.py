@@ -21,7 +21,7 @@ from typing import Iterable, Sequence
 import torch
 
 from vitlens.metrics.bootstrap import bootstrap_ci
-from vitlens.metrics.localization import LocalizationScores, boxes_to_masks
+from vitlens.metrics.localization import LocalizationScores, object_masks
 from vitlens.metrics.perturbation import PAPER_FRACTIONS, PerturbationResult, perturbation_auc
 from vitlens.metrics.segmentation import SegmentationScores
 from vitlens.relevance.heatmap import heatmap
@@ -178,20 +178,14 @@ def evaluate_explanations(
             out_target = (explain_many(model, images[wrong], methods, labels[wrong], precision=explain_precision)
                           if len(wrong) else None)
             h, w = images.shape[-2:]
-            masks = valid = None
+            # a sample's mask where it has one, else its box (the same rule as the callback's)
+            found = object_masks({k: v[:take].to(device) for k, v in batch.items()
+                                  if k in ("mask", "has_mask", "box", "has_box")}, (h, w))
+            masks, valid = found if found is not None else (None, None)
             if "mask" in batch:
-                masks = batch["mask"][:take].to(device)
-                valid = batch.get("has_mask", torch.ones(take, dtype=torch.bool))[:take].to(device)
-                any_masks |= bool(valid.any())
+                any_masks |= bool(batch.get("has_mask", torch.ones(take, dtype=torch.bool))[:take].any())
             if "box" in batch:
-                box_masks = boxes_to_masks(batch["box"][:take].to(device), (h, w))
-                has_box = batch.get("has_box", torch.ones(take, dtype=torch.bool))[:take].to(device)
-                any_boxes |= bool(has_box.any())
-                if masks is None:
-                    masks, valid = box_masks, has_box
-                else:  # a sample's mask where it has one, else its box
-                    masks = torch.where(valid.view(-1, 1, 1), masks, box_masks)
-                    valid = valid | has_box
+                any_boxes |= bool(batch.get("has_box", torch.ones(take, dtype=torch.bool))[:take].any())
             for m in methods:
                 rel = out.maps[m].float()
                 res = perturbation_auc(forward_model, images, rel, labels, mean, std, targets=pred,
