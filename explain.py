@@ -4,12 +4,14 @@
     python explain.py maps --model vit_small_patch16_224 --weights vit_s16.safetensors --images a.jpg --out maps/
     python explain.py evaluate --ckpt RUN.ckpt --data.path data/toybirds --split val --limit 500 \\
         --methods transformer_attribution grad_rollout rollout random --out eval/
+    python explain.py audit --ckpt RUN.ckpt --data.path data/toybirds_shortcut --split val --out audit/
 
 ``maps`` writes, per image, ``<name>.png`` (the image captioned with class and probability,
 beside an overlay per method; one row per explained class), ``<name>.<method>.npy`` (the raw
 maps: (h, w), or (k, h, w) with ``--topk k``), plus ``contact_sheet.png`` and ``index.json``.
 ``evaluate`` writes ``report.json``, ``report.md`` and ``perturbation_curves.png`` (see
-``vitlens.metrics.evaluate``). Errors are one line on stderr with exit status 2
+``vitlens.metrics.evaluate``). ``audit`` looks for shortcuts (``vitlens.metrics.shortcut_audit``):
+``audit.md``, ``audit.json`` and per-class mean maps / hotspot PNGs. Errors are one line on stderr with exit status 2
 (``VITLENS_DEBUG=1`` shows the traceback).
 """
 from __future__ import annotations
@@ -71,10 +73,24 @@ def build_parser():
     evaluate.add_argument("--wandb", action="store_true", help="also log to a W&B run (offline unless WANDB_MODE)")
     evaluate.add_argument("--wandb-project", type=str, default="vitlens")
 
+    audit = ArgumentParser(description="Shortcut audit: per-class mean maps, off-object hotspots, a verdict per class.")
+    common(audit)
+    audit.add_class_arguments(ImageDataModule, "data", skip={"image_size", "mean", "std", "backbone",
+                                                             "batch_size", "eval_batch_size"})
+    audit.set_defaults({"data.eval_resize": "resize", "data.num_workers": 0})
+    audit.add_argument("--split", type=str, default="val", choices=["train", "val", "test"])
+    audit.add_argument("--limit", type=int | None, default=None, help="at most this many images")
+    audit.add_argument("--thresholds", type=dict | None, default=None,
+                       help="overrides of vitlens.metrics.shortcut.ShortcutThresholds, e.g. '{position_fire: 2.5}'")
+    audit.add_argument("--examples", type=int, default=6, help="hotspot example images per suspected class")
+    audit.add_argument("--wandb", action="store_true", help="also log to a W&B run (offline unless WANDB_MODE)")
+    audit.add_argument("--wandb-project", type=str, default="vitlens")
+
     parser = ArgumentParser(prog="explain.py", description=__doc__.split("\n\n")[0])
     sub = parser.add_subcommands(dest="command")
     sub.add_subcommand("maps", maps)
     sub.add_subcommand("evaluate", evaluate)
+    sub.add_subcommand("audit", audit)
     return parser
 
 
@@ -314,6 +330,29 @@ def log_to_wandb(report, fig, out: Path, args) -> None:
         run.finish()
 
 
+# ---------------------------------------------------------------------------- audit
+def run_audit(args) -> None:
+    """Thin: the analysis and the report are vitlens.metrics.shortcut_audit."""
+    import torch
+
+    from vitlens.metrics.shortcut import ShortcutThresholds
+    from vitlens.metrics.shortcut_audit import audit_checkpoint
+
+    if not args.ckpt:
+        raise UserError("audit needs --ckpt RUN.ckpt")
+    device = torch.device(args.device)
+    model, class_names, mean, std, size = load_model(args, device)
+    report = audit_checkpoint(model, class_names, mean, std, size, data_args=dict(args.data), split=args.split,
+                              methods=args.methods, out=args.out, batch_size=args.batch_size, limit=args.limit,
+                              precision="bf16" if args.precision == "bf16" else None,
+                              thresholds=ShortcutThresholds.from_options(args.thresholds), examples=args.examples,
+                              use_wandb=args.wandb, wandb_project=args.wandb_project, checkpoint=args.ckpt)
+    for method in report.methods:
+        found = report.suspected[method]
+        print(f"{method}: " + (f"shortcut suspected for {', '.join(found)}" if found else "no shortcut suspected"))
+    print(f"wrote audit.md, audit.json and PNGs to {args.out}")
+
+
 # ---------------------------------------------------------------------------- main
 def main(argv=None) -> int:
     parser = build_parser()
@@ -326,7 +365,7 @@ def main(argv=None) -> int:
         unknown = [m for m in sub_args.methods if m not in METHODS]
         if unknown:
             raise UserError(f"unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
-        (run_maps if command == "maps" else run_evaluate)(sub_args)
+        {"maps": run_maps, "evaluate": run_evaluate, "audit": run_audit}[command](sub_args)
     except (UserError, ValueError, OSError, KeyError, TypeError) as error:
         if os.environ.get("VITLENS_DEBUG"):
             raise

@@ -75,7 +75,7 @@ def class_mean_map_tiles(result: EpochResult, method: str, *, min_size: int = 96
         m = position.mean_maps[c].float()
         m = (m / m.max()).clamp(0, 1) if float(m.max()) > 0 else m
         tile = upscale(colorize(m[None].numpy())[0], min_size)
-        tiles.append((tile, f"{name}: {position.ratio[c]:.1f}x chance, {position.region[c]} (n={position.counts[c]})"))
+        tiles.append((tile, f"{name}: {position.lift[c]:.1f}x others, {position.region[c]} (n={position.counts[c]})"))
     return tiles
 
 
@@ -83,7 +83,7 @@ def _mean_map_sheet(result: EpochResult, method: str) -> np.ndarray | None:
     tiles = class_mean_map_tiles(result, method)
     if not tiles:
         return None
-    return contact_sheet([caption(t, text.split(":")[0] + f" {text.split(': ')[1].split(',')[0]}") for t, text in tiles])
+    return contact_sheet([caption(t, f"{text.split(':')[0][:14]} {text.split(': ')[1].split(' ')[0]}") for t, text in tiles])
 
 
 def _alarm_rows(events: Sequence[ShortcutEvent]) -> list[list[Any]]:

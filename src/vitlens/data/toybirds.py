@@ -224,13 +224,14 @@ def _distractors(draw: ImageDraw.ImageDraw, rng: np.random.Generator, size: int,
             draw.line([cx - d[0], cy - d[1], cx + d[0], cy + d[1]], fill=colour, width=max(1, int(size * 0.03)))
 
 
-def shortcut_box(label: int, image_size: int = 64) -> tuple[int, int, int, int]:
+def shortcut_box(label: int, image_size: int = 64, side: int | None = None) -> tuple[int, int, int, int]:
     """(x, y, w, h) of the class-`label` shortcut mark in an `image_size` image.
 
     Corner = label % 4 (top-left, top-right, bottom-right, bottom-left); colour =
-    SHORTCUT_COLOURS[(label // 4) % 4]; classes 16 apart share a mark.
+    SHORTCUT_COLOURS[(label // 4) % 4]; classes 16 apart share a mark. `side`: the mark's
+    side in pixels (default `image_size // 12`, at least 2).
     """
-    side = max(2, image_size // 12)
+    side = max(2, image_size // 12) if side is None else int(side)
     margin = max(1, image_size // 32)
     far = image_size - margin - side
     x, y = [(margin, margin), (far, margin), (far, far), (margin, far)][label % 4]
@@ -244,6 +245,7 @@ def render_bird(
     *,
     supersample: int = 2,
     shortcut_label: int | None = None,
+    shortcut_size: int | None = None,
     bird_size: tuple[float, float] = (0.55, 0.8),
     distractors: tuple[int, int] = (2, 5),
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -293,7 +295,7 @@ def render_bird(
             _polygon(dparts, p, 255)
 
     if shortcut_label is not None:
-        x, y, w, h = (v * supersample for v in shortcut_box(shortcut_label, image_size))
+        x, y, w, h = (v * supersample for v in shortcut_box(shortcut_label, image_size, shortcut_size))
         draw.rectangle([x, y, x + w - 1, y + h - 1], fill=SHORTCUT_COLOURS[(shortcut_label // 4) % 4])
 
     if supersample > 1:
@@ -316,6 +318,7 @@ def toybirds_options(
     test_per_class: int = 60,
     shortcut: bool = False,
     shortcut_probability: float = 0.0,
+    shortcut_size: int | None = None,
     seed: int = 0,
     bird_size: tuple[float, float] = (0.55, 0.8),
     distractors: tuple[int, int] = (2, 5),
@@ -331,6 +334,8 @@ def toybirds_options(
         raise ValueError(f"toy birds: shortcut_probability must be in [0, 1], got {shortcut_probability}")
     if shortcut and shortcut_probability > 0:
         raise ValueError("toy birds: choose shortcut (train split only) or shortcut_probability (every split), not both")
+    if shortcut_size is not None and not 2 <= int(shortcut_size) <= image_size // 3:
+        raise ValueError(f"toy birds: shortcut_size must be 2..{image_size // 3} pixels for {image_size}-px images, got {shortcut_size}")
     low, high = (float(v) for v in bird_size)
     if not 0.1 <= low <= high <= 0.95:
         raise ValueError(f"toy birds: bird_size must be a range within [0.1, 0.95], got {list(bird_size)}")
@@ -345,6 +350,7 @@ def toybirds_options(
         "test_per_class": int(test_per_class),
         "shortcut": bool(shortcut),
         **({"shortcut_probability": float(shortcut_probability)} if shortcut_probability > 0 else {}),
+        **({"shortcut_size": int(shortcut_size)} if shortcut_size is not None else {}),
         "seed": int(seed),
         "bird_size": [low, high],
         "distractors": [fewest, most],
@@ -365,6 +371,7 @@ def generate_toybirds(
     test_per_class: int = 60,
     shortcut: bool = False,
     shortcut_probability: float = 0.0,
+    shortcut_size: int | None = None,
     seed: int = 0,
     bird_size: tuple[float, float] = (0.55, 0.8),
     distractors: tuple[int, int] = (2, 5),
@@ -381,7 +388,8 @@ def generate_toybirds(
     options = toybirds_options(
         num_species=num_species, image_size=image_size, train_per_class=train_per_class,
         val_per_class=val_per_class, test_per_class=test_per_class, shortcut=shortcut,
-        shortcut_probability=shortcut_probability, seed=seed, bird_size=bird_size, distractors=distractors,
+        shortcut_probability=shortcut_probability, shortcut_size=shortcut_size, seed=seed, bird_size=bird_size,
+        distractors=distractors,
     )
     out = Path(out)
     manifest = out / "manifest.csv"
@@ -456,7 +464,7 @@ def _write(root: Path, options: dict, *, progress: bool) -> None:
                     mark = label if marked else None
                 rng = np.random.default_rng([options["seed"], split_id, label, i])
                 image, bird, parts = render_bird(sp, rng, size, shortcut_label=mark,
-                                                 bird_size=options["bird_size"], distractors=options["distractors"])
+                                                 shortcut_size=options.get("shortcut_size"), bird_size=options["bird_size"], distractors=options["distractors"])
                 rel = f"{split}/{sp.name}/{i:05d}.png"
                 _save_png(image, root / "images" / rel)
                 _save_png(bird.astype(np.uint8) * 255, root / "masks" / rel)
@@ -538,6 +546,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shortcut", action="store_true", help="plant a class-coloured corner mark in train images")
     parser.add_argument("--shortcut-probability", type=float, default=0.0, metavar="P",
                         help="plant the mark in images of EVERY split with probability P (+ a clean counterfactual test split)")
+    parser.add_argument("--shortcut-size", type=int, default=None, metavar="PX", help="side of the mark (default: image size / 12)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--bird-size", type=float, nargs=2, default=(0.55, 0.8), metavar=("MIN", "MAX"),
                         help="bird length as a fraction of the image side")
@@ -549,7 +558,7 @@ def main(argv: list[str] | None = None) -> None:
     manifest = generate_toybirds(
         args.out, args.num_species, image_size=args.image_size, train_per_class=args.train_per_class,
         val_per_class=args.val_per_class, test_per_class=args.test_per_class, shortcut=args.shortcut,
-        shortcut_probability=args.shortcut_probability, seed=args.seed, bird_size=tuple(args.bird_size), distractors=tuple(args.distractors),
+        shortcut_probability=args.shortcut_probability, shortcut_size=args.shortcut_size, seed=args.seed, bird_size=tuple(args.bird_size), distractors=tuple(args.distractors),
         overwrite=args.overwrite, progress=True,
     )
     print(f"toy birds: {manifest}")

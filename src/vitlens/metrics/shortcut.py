@@ -140,6 +140,29 @@ def region_name(row: float, col: float) -> str:
     return f"{v}-{h} corner"
 
 
+NULL_DRAWS = 64
+
+
+def _null_peaks(norm: torch.Tensor, counts: list[int], draws: int = NULL_DRAWS, seed: int = 0) -> dict[int, float]:
+    """For each class size n: the mean peak mass of the mean map of n images drawn (without
+    replacement, seeded) from ALL classes: the chance level of a class's peak mass when labels do
+    not matter. It has the maps' own centre bias and blobs, and the same small-sample noise
+    (the max over windows of a mean of n maps) as the class's statistic."""
+    total = len(norm)
+    out: dict[int, float] = {}
+    if total == 0:
+        return out
+    generator = torch.Generator().manual_seed(seed)
+    for n in sorted({c for c in counts if c > 0}):
+        if len(set(counts) - {0}) and n >= total:
+            continue  # one class only: no chance level
+        picks = torch.rand((draws, total), generator=generator).argsort(1)[:, :n]  # (draws, n)
+        means = norm[picks].mean(1)  # (draws, g, g')
+        peaks, _ = _peak(means)
+        out[n] = float(peaks.mean())
+    return out
+
+
 @dataclass
 class PositionConsistency:
     """Per class: its mean map, the peak window's mass, the chance level, where the peak is."""
@@ -148,7 +171,9 @@ class PositionConsistency:
     counts: list[int]
     peak_mass: list[float]
     chance_mass: list[float]
-    ratio: list[float]
+    ratio: list[float]  # peak mass / the random control's
+    null_mass: list[float]  # peak mass of the mean map of as many images drawn from every class
+    lift: list[float]  # peak mass / null_mass: the alarm's signal
     region: list[str]  # e.g. 'top-left corner'
     box: list[tuple[float, float, float, float]]  # peak window, fractions of the image (x0, y0, x1, y1)
 
@@ -176,12 +201,12 @@ def position_consistency(maps: torch.Tensor, labels: torch.Tensor, num_classes: 
         chance, _ = _peak(rmean)
     else:
         chance = torch.full((num_classes,), kh * kw / (grid[0] * grid[1]), dtype=torch.float64)
-    out = PositionConsistency(mean_maps, counts.long().tolist(), [], [], [], [], [])
+    null = _null_peaks(norm.cpu(), counts.long().tolist())
+    out = PositionConsistency(mean_maps, counts.long().tolist(), [], [], [], [], [], [], [])
     for c in range(num_classes):
         if counts[c] == 0:
-            out.peak_mass.append(float("nan"))
-            out.chance_mass.append(float("nan"))
-            out.ratio.append(float("nan"))
+            for values in (out.peak_mass, out.chance_mass, out.ratio, out.null_mass, out.lift):
+                values.append(float("nan"))
             out.region.append("")
             out.box.append((float("nan"),) * 4)
             continue
@@ -189,6 +214,9 @@ def position_consistency(maps: torch.Tensor, labels: torch.Tensor, num_classes: 
         out.peak_mass.append(float(peak[c]))
         out.chance_mass.append(float(chance[c]))
         out.ratio.append(float(peak[c] / chance[c]) if chance[c] > 0 else float("nan"))
+        mass = null.get(int(counts[c]), float("nan"))
+        out.null_mass.append(mass)
+        out.lift.append(float(peak[c]) / mass if mass > 0 else float("nan"))
         out.region.append(region_name((r + kh / 2) / grid[0], (q + kw / 2) / grid[1]))
         out.box.append((q / grid[1], r / grid[0], (q + kw) / grid[1], (r + kh) / grid[0]))
     return out
@@ -246,6 +274,9 @@ class ShortcutSignals:
         """``{prefix}/<method>/position_ratio`` (worst class), ``.../<class>/position_ratio``, object shares."""
         out: dict[str, float] = {}
         base = f"{prefix}/{self.method}"
+        finite = [r for r in self.position.lift if math.isfinite(r)]
+        if finite:
+            out[f"{base}/position_lift_max"] = max(finite)
         finite = [r for r in self.position.ratio if math.isfinite(r)]
         if finite:
             out[f"{base}/position_ratio_max"] = max(finite)
@@ -253,6 +284,8 @@ class ShortcutSignals:
             if math.isfinite(self.position.ratio[c]):
                 out[f"{base}/{name}/position_ratio"] = self.position.ratio[c]
                 out[f"{base}/{name}/peak_mass"] = self.position.peak_mass[c]
+            if math.isfinite(self.position.lift[c]):
+                out[f"{base}/{name}/position_lift"] = self.position.lift[c]
         if self.objects is not None and math.isfinite(self.objects.overall):
             out[f"{base}/object_share"] = self.objects.overall
             out[f"{base}/object_ratio"] = self.objects.overall_ratio
@@ -299,7 +332,7 @@ class ShortcutEvent:
         if self.signal == "position":
             what = (f"relevance of class {self.class_name!r} piles up in the {self.region}"
                     + (f" (pixels x {self.box[0]}-{self.box[2]}, y {self.box[1]}-{self.box[3]})" if self.box else "")
-                    + f": peak mass {self.value:.1f}x the random control's (alarm at {self.threshold:g}x)")
+                    + f": peak mass {self.value:.1f}x its chance level with the labels shuffled (alarm at {self.threshold:g}x)")
         else:
             what = (f"relevance of class {self.class_name!r} is no longer on the object: share on object "
                     f"{self.value:.2f}x the random control's (alarm at {self.threshold:g}x)")
@@ -332,11 +365,12 @@ class ShortcutAlarm:
         for method, s in signals.items():
             for c, name in enumerate(class_names):
                 pos = s.position
-                if pos.counts[c] >= t.min_images and math.isfinite(pos.ratio[c]):
+                lift = pos.lift[c]
+                if pos.counts[c] >= t.min_images and math.isfinite(lift):
                     box = pos.pixel_box(c, image_size) if image_size else None
-                    judged[f"position|{method}|{name}"] = pos.ratio[c]
-                    new += self._judge("position", method, name, epoch, pos.ratio[c], pos.ratio[c] >= t.position_fire,
-                                       pos.ratio[c] < t.position_clear, t.position_fire, pos.region[c], box)
+                    judged[f"position|{method}|{name}"] = lift
+                    new += self._judge("position", method, name, epoch, lift, lift >= t.position_fire,
+                                       lift < t.position_clear, t.position_fire, pos.region[c], box)
                 objects = s.objects
                 if objects is not None and objects.counts[c] >= t.min_images and math.isfinite(objects.ratio[c]):
                     r = objects.ratio[c]
@@ -440,8 +474,9 @@ class AuditReport:
         m = self.meta
         lines = [f"# Shortcut audit: {m.get('model', '')}", "",
                  f"{m.get('n_images', 0)} images ({m.get('split', '')} split of `{m.get('data', '')}`), "
-                 f"top-1 accuracy {100 * m.get('accuracy', float('nan')):.2f}%. Position ratio: a class's mean-map "
-                 f"peak mass over the random control's (suspected at >= {self.thresholds.position_fire:g}x); "
+                 f"top-1 accuracy {100 * m.get('accuracy', float('nan')):.2f}%. Position lift: the mass of a class's "
+                 f"mean map in its hottest window over the same with the labels shuffled (suspected at >= "
+                 f"{self.thresholds.position_fire:g}x); "
                  f"object ratio: share of relevance on the object over the control's (suspected at <= "
                  f"{self.thresholds.object_fire:g}x).", ""]
         for method in self.methods:
@@ -450,11 +485,11 @@ class AuditReport:
             lines += [f"## {method}", "",
                       (f"**Shortcut suspected** for {len(suspected)} of {len(self.class_names)} classes: "
                        + ", ".join(suspected) if suspected else "No shortcut suspected."), ""]
-            header = "| class | images | position ratio | hotspot | object ratio | verdict |"
+            header = "| class | images | position lift | hotspot | object ratio | verdict |"
             lines += [header, "|---|---|---|---|---|---|"]
             for c, name in enumerate(self.class_names):
                 obj = "–" if s.objects is None or not math.isfinite(s.objects.ratio[c]) else f"{s.objects.ratio[c]:.2f}"
-                ratio = s.position.ratio[c]
+                ratio = s.position.lift[c]
                 lines.append(f"| {name} | {s.position.counts[c]} | {ratio:.2f} | {s.position.region[c]} | {obj} | "
                              f"{self.verdicts[method][name]} |")
             lines.append("")
@@ -527,8 +562,9 @@ def audit_shortcuts(model: torch.nn.Module, batches: Iterable[dict], methods: Se
             if s.position.counts[c] < thresholds.min_images:
                 verdicts[m][name] = f"too few images ({s.position.counts[c]})"
                 continue
-            if s.position.ratio[c] >= thresholds.position_fire:
-                reasons.append(f"relevance piles up in the {s.position.region[c]} ({s.position.ratio[c]:.1f}x chance)")
+            if s.position.lift[c] >= thresholds.position_fire:
+                reasons.append(f"relevance piles up in the {s.position.region[c]} ({s.position.lift[c]:.1f}x chance "
+                               "with the labels shuffled)")
             if s.objects is not None and math.isfinite(s.objects.ratio[c]) and s.objects.ratio[c] <= thresholds.object_fire:
                 reasons.append(f"relevance not on the object ({s.objects.ratio[c]:.2f}x chance)")
             if reasons:
