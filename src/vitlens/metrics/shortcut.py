@@ -68,7 +68,7 @@ class ShortcutThresholds:
 
     position_fire: float = 3.0
     position_clear: float = 2.5
-    object_fire: float = 1.0
+    object_fire: float = 0.8
     object_clear: float = 1.2
     min_images: int = 4
     patience: int = 2
