@@ -10,7 +10,9 @@ beside an overlay per method; one row per explained class), ``<name>.<method>.np
 maps: (h, w), or (k, h, w) with ``--topk k``), plus ``contact_sheet.png`` and ``index.json``.
 ``evaluate`` writes ``report.json``, ``report.md`` and ``perturbation_curves.png`` (see
 ``vitlens.metrics.evaluate``) on the split the checkpoint was trained with (its saved data
-settings; ``--data.*`` overrides them, ``vitlens.data.from_checkpoint``). Errors are one line on stderr with exit status 2
+settings; ``--data.*`` overrides them, ``vitlens.data.from_checkpoint``). ``audit`` looks for
+shortcuts on that split (``vitlens.metrics.shortcut_audit``): ``audit.md``, ``audit.json`` and
+per-class mean maps / hotspot PNGs. Errors are one line on stderr with exit status 2
 (``VITLENS_DEBUG=1`` shows the traceback).
 """
 from __future__ import annotations
@@ -92,8 +94,7 @@ def add_maps_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ncols", type=int, default=2, help="columns of the contact sheet (default: %(default)s)")
 
 
-def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
-    add_common_arguments(p)
+def add_data_arguments(p: argparse.ArgumentParser) -> None:
     data = p.add_argument_group(
         "data", "The checkpoint's own data settings are used (the split and eval transform it was trained "
                 "with); these override them. An override that puts training images into the evaluated split "
@@ -115,10 +116,27 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", choices=["train", "val", "test"], default="val",
                    help="which split to evaluate (default: %(default)s)")
     p.add_argument("--limit", type=int, metavar="N", help="at most N images (default: all)")
+
+
+def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
+    add_common_arguments(p)
+    add_data_arguments(p)
     p.add_argument("--perturbation-batch-size", type=int, metavar="N",
                    help="perturbed images per forward pass (default: 64 on a CPU, 256 on a GPU)")
     p.add_argument("--bootstrap", type=int, default=1000, metavar="N",
                    help="bootstrap resamples for the 95%% intervals, 0 = none (default: %(default)s)")
+    p.add_argument("--wandb", action="store_true", help="also log to a W&B run (offline unless WANDB_MODE says otherwise)")
+    p.add_argument("--wandb-project", default="vitlens", help="W&B project (default: %(default)s)")
+
+
+def add_audit_arguments(p: argparse.ArgumentParser) -> None:
+    add_common_arguments(p)
+    add_data_arguments(p)
+    p.add_argument("--thresholds", type=json.loads, metavar="JSON",
+                   help="overrides of vitlens.metrics.shortcut.ShortcutThresholds as JSON, "
+                        "e.g. '{\"position_fire\": 2.5}' (default: the documented thresholds)")
+    p.add_argument("--examples", type=int, default=6, metavar="N",
+                   help="hotspot example images per suspected class (default: %(default)s)")
     p.add_argument("--wandb", action="store_true", help="also log to a W&B run (offline unless WANDB_MODE says otherwise)")
     p.add_argument("--wandb-project", default="vitlens", help="W&B project (default: %(default)s)")
 
@@ -370,11 +388,44 @@ def log_to_wandb(report, fig, out: Path, args) -> None:
         run.finish()
 
 
+# ---------------------------------------------------------------------------- audit
+def run_audit(args) -> None:
+    """Thin: the data is the checkpoint's own split (as for evaluate); the analysis and the
+    report are vitlens.metrics.shortcut_audit."""
+    from vitlens.data.from_checkpoint import evaluation_datamodule
+    from vitlens.metrics.shortcut import ShortcutThresholds
+    from vitlens.metrics.shortcut_audit import audit_checkpoint
+
+    if not args.ckpt:
+        raise UserError("audit needs --ckpt RUN.ckpt")
+    thresholds = ShortcutThresholds.from_options(args.thresholds)  # bad keys fail before any work
+    device = _device(args.device)
+    model, class_names, mean, std, size = load_model(args, device)
+    overrides = {key: getattr(args, f"data_{key}") for key in
+                 ("path", "val_fraction", "seed", "eval_resize", "crop_pct", "mask_column")}
+    data = evaluation_datamodule(args.ckpt, overrides, split=args.split, class_names=class_names, image_size=size,
+                                 mean=mean, std=std, batch_size=1, eval_batch_size=args.batch_size,
+                                 num_workers=args.data_num_workers)
+    for note in data.notes:
+        print(f"note: {note}", file=sys.stderr)
+    data_args = {**data.settings, "num_workers": args.data_num_workers}
+    report = audit_checkpoint(model, class_names, mean, std, size, data_args=data_args, split=args.split,
+                              methods=args.methods, out=args.out, batch_size=args.batch_size, limit=args.limit,
+                              precision=args.precision, thresholds=thresholds, examples=args.examples,
+                              use_wandb=args.wandb, wandb_project=args.wandb_project, checkpoint=args.ckpt)
+    for method in report.methods:
+        found = report.suspected[method]
+        print(f"{method}: " + (f"shortcut suspected for {', '.join(found)}" if found else "no shortcut suspected"))
+    print(f"wrote audit.md, audit.json and PNGs to {args.out}")
+
+
 # ---------------------------------------------------------------------------- main
 COMMANDS: dict[str, Command] = {
     "maps": Command("Relevance maps of images as PNG overlays and .npy arrays.", add_maps_arguments, run_maps),
     "evaluate": Command("Perturbation, segmentation and localisation scores of relevance methods on a "
                         "checkpoint's validation (or test) split.", add_evaluate_arguments, run_evaluate),
+    "audit": Command("Shortcut audit of a checkpoint over a split: per-class mean maps, off-object hotspots, "
+                     "a verdict per class.", add_audit_arguments, run_audit),
 }
 
 

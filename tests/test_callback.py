@@ -277,7 +277,8 @@ def test_without_a_logger_pngs_go_under_the_root_dir(tiny_dataset_dir, tmp_path)
     _fit(tiny_dataset_dir, tmp_path, callbacks=[_callback(every_n_epochs=2)], max_epochs=2)
     assert sorted(p.name for p in (tmp_path / "explain").iterdir()) == ["epoch=001"]  # every 2nd epoch only
     assert {p.name for p in (tmp_path / "explain" / "epoch=001").iterdir()} == {
-        "transformer_attribution.png", "grad_rollout.png", "perturbation_curves.png"
+        "transformer_attribution.png", "grad_rollout.png", "perturbation_curves.png",
+        "transformer_attribution.class_mean_maps.png", "grad_rollout.class_mean_maps.png",
     }
 
 

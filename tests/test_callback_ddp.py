@@ -67,6 +67,18 @@ SCRIPT = textwrap.dedent(
     ours = [str(w.message) for w in caught if "ExplanationCallback failed" in str(w.message)]
     (out / f"failure_rank{trainer.global_rank}.json").write_text(json.dumps(
         {"enabled": failing.enabled, "warnings": ours, "epoch": trainer.current_epoch}))
+
+    # 3. the shortcut alarm (eager thresholds): judged once, on rank 0; one alarms file
+    eager = dict(position_fire=0.5, position_clear=0.4, object_fire=100.0, object_clear=200.0, patience=1,
+                 warmup_epochs=1, min_images=1)
+    alarmed = ExplanationCallback(num_samples=4, perturbation_samples=0, shortcut_samples=16, batch_size=4, strict=True,
+                                  shortcut_thresholds=eager)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = fit(alarmed, False)
+    (out / f"alarm_rank{trainer.global_rank}.json").write_text(json.dumps(
+        {"fired": len(alarmed.alarm.fired), "epochs": sorted({e.epoch for e in alarmed.alarm.fired}),
+         "warnings": sum("shortcut suspected at epoch" in str(w.message) for w in caught)}))
     '''
 )
 
@@ -86,7 +98,7 @@ def test_ddp_two_processes_shard_gather_and_log_on_rank_zero(tiny_dataset_dir, t
 
     data = ImageDataModule(str(tiny_dataset_dir), image_size=32, batch_size=8, num_workers=0, eval_resize="resize")
     data.setup("fit")
-    assert result["sample_indices"] == stratified_order(data.val_dataset.labels, 8, seed=0)
+    assert result["sample_indices"] == stratified_order(data.val_dataset.labels, 64, seed=0)  # shortcut_samples=64: all 16
     probe = result["sample_indices"][:5]
 
     rows = [r for r in read_history(Path(result["run_dir"])) if any(k.startswith("explain/") for k in r)]
@@ -100,6 +112,12 @@ def test_ddp_two_processes_shard_gather_and_log_on_rank_zero(tiny_dataset_dir, t
                 assert 0.0 <= row[f"explain/{method}/{score}"] <= 90.0
         assert row["explain/table/nrows"] in (5, 10)
     assert -1.0 <= rows[1]["explain/transformer_attribution/drift"] <= 1.0 + 1e-9
+
+    zero, one = (json.loads((tmp_path / f"alarm_rank{r}.json").read_text()) for r in (0, 1))
+    assert zero["fired"] > 0 and zero["epochs"] == [1] and zero["warnings"] == zero["fired"]
+    assert one == {"fired": 0, "epochs": [], "warnings": 0}  # one alarm, from rank 0
+    alarm_rows = (tmp_path / "explain" / "shortcut_alarms.csv").read_text().strip().splitlines()
+    assert len(alarm_rows) == 1 + zero["fired"]
 
     for rank in (0, 1):
         failure = json.loads((tmp_path / f"failure_rank{rank}.json").read_text())

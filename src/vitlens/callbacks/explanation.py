@@ -1,18 +1,23 @@
-"""ExplanationCallback: every validation epoch, what the model looks at and how faithfully.
+"""ExplanationCallback: every validation epoch, what the model looks at, how faithfully, and
+whether it has learned a shortcut.
 
 At the end of a validation epoch (every ``every_n_epochs``) the callback explains a fixed,
-class-stratified probe set of validation images with each method, runs the paper's
-perturbation test on ``perturbation_samples`` validation images, scores localisation when
-the data has masks or boxes, measures how much the maps moved since the last time, and logs
-it all in one step: to W&B (images, an incremental table, scalars, a line plot), TensorBoard
-(images, figure, scalars), CSV (scalars in the metrics file, PNGs in the log folder), or with
-no logger as PNGs under ``trainer.default_root_dir``.
+class-stratified set of validation images with each method: the probe set (shown), the
+perturbation set (the paper's perturbation test), and the shortcut set (maps only, for the
+shortcut signals); it scores localisation when the data has masks or boxes, measures how much
+the maps moved since the last time, judges the shortcut signals with hysteresis and raises an
+alarm when they cross the thresholds. The pieces: :mod:`vitlens.callbacks.result` computes one
+rank's share into a typed result and merges the ranks', :mod:`vitlens.metrics.shortcut` holds
+the signals and the alarm, :mod:`vitlens.callbacks.backends` has one back-end per logger (W&B,
+TensorBoard, CSV, none: PNGs under ``trainer.default_root_dir``).
 
 It never hurts the training run: an error switches the callback off with one warning
 (``strict=True`` re-raises), and the model's mode, gradients, attention settings and every
-random-number state are as before, so training is bit-identical with and without it.
-Under DDP the work is sharded across ranks, gathered, and logged by global rank 0; every
-rank reaches every collective call, also after a failure on one of them.
+random-number state are as before, so training is bit-identical with and without it (unless
+``on_shortcut="stop"`` and the alarm fires). Under DDP the work is sharded across ranks,
+gathered, and logged by global rank 0 (one alarm, from rank 0); every rank reaches every
+collective call, also after a failure on one of them. Its state (probe set, the previous maps
+behind drift, the alarm's hysteresis and history) is in the checkpoint: a resumed run goes on.
 
 What is logged, in one step per explained epoch (W&B keys; TensorBoard uses the same tags):
 
@@ -32,6 +37,15 @@ What is logged, in one step per explained epoch (W&B keys; TensorBoard uses the 
   maps did not move); absent the first time.
 - ``explain/perturbation_curves``: accuracy against the removed fraction, positive and
   negative test per method (a W&B line plot; a figure on TensorBoard, a PNG for CSV).
+- ``shortcut/<method>/<class>/position_ratio`` (and ``peak_mass``), ``shortcut/<method>/position_ratio_max``:
+  position consistency of each class's predicted-class maps over all explained images (their
+  mean map's peak mass over the random control's, :mod:`vitlens.metrics.shortcut`);
+  with masks or boxes also ``object_share``/``object_ratio`` (per class and overall,
+  ``object_ratio_min``). ``shortcut/<method>/class_mean_maps``: the per-class mean maps (images).
+- When the alarm fires: a W&B alert (``run.alert``), the run summary's ``shortcut/...`` keys and
+  the ``shortcut/alarms`` table; ``shortcut_alarms.csv`` for CSV / no logger; text on
+  TensorBoard; always a one-line :class:`ShortcutWarning` naming the classes, method and region,
+  and a summary at the end of fitting.
 """
 from __future__ import annotations
 
@@ -39,56 +53,55 @@ import contextlib
 import random
 import traceback
 import warnings
-from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import default_collate
 
+from vitlens.callbacks.backends import Backend, FilesBackend, backend_for
 from vitlens.callbacks.probe import dataset_class_names, dataset_labels, stratified_order
-from vitlens.data.normalization import denormalize
-from vitlens.metrics import (
-    PerturbationResult,
-    boxes_to_masks,
-    perturbation_auc,
-    pointing_game,
-    relevance_on_object,
-)
-from vitlens.relevance import METHODS, PRECISIONS, explain_many, heatmap
-from vitlens.relevance.display import (
-    caption,
-    contact_sheet,
-    figure_to_array,
-    overlay,
-    plot_perturbation_curves,
-    save_png,
-    side_by_side,
-)
+from vitlens.callbacks.result import RANDOM, EpochResult, compute_shard, correlation, merge, signals_of
+from vitlens.metrics.shortcut import ShortcutAlarm, ShortcutThresholds
+from vitlens.relevance import METHODS, PRECISIONS, explain_many
 
-__all__ = ["ExplanationCallback"]
+__all__ = ["ExplanationCallback", "ShortcutWarning"]
 
-_AUC_KEYS = ("pos_auc", "neg_auc", "pos_auc_probability", "neg_auc_probability")
-_CURVE_KEYS = ("pos_accuracy", "neg_accuracy", "pos_probability", "neg_probability")
-_RANDOM = "random"
+ON_SHORTCUT = ("warn", "stop")
+
+
+class ShortcutWarning(UserWarning):
+    """The shortcut alarm fired: relevance of a class piles up in one place or left the object."""
 
 
 class ExplanationCallback(Callback):
-    """Relevance maps and faithfulness of fixed validation samples, every validation epoch.
+    """Relevance maps, faithfulness and shortcut signals of fixed validation samples, every validation epoch.
 
     Args:
         methods: relevance methods to show and score (names from ``vitlens.relevance.METHODS``).
         num_samples: size of the probe set shown every epoch (stratified by class, seeded).
         every_n_epochs: run at the end of every n-th validation epoch (never in the sanity check).
         perturbation_samples: validation images in the perturbation test (0 switches it off).
+        shortcut_samples: validation images whose maps feed the shortcut signals (stratified:
+            ``shortcut_samples / num_classes`` per class; the probe and perturbation images are
+            among them). Maps only: about one relevance pass per image.
         batch_size: images per ``explain_many`` call (bounds memory of the relevance pass).
         perturbation_batch_size: perturbed images per model call in the perturbation test.
-        precision: ``explain``'s precision (None: the model's dtype, in full float32 for a
-            float32 model even when the trainer enables TF32; ``"bf16"`` is fastest on GPUs
-            and stays within 1e-2 of float64 for transformer_attribution).
-        include_random: also score the ``random`` control, the chance level of every metric.
+        precision: ``explain``'s precision, one of ``vitlens.relevance.PRECISIONS`` (float64,
+            float32, tf32, bf16) or None: the model's dtype, in full float32 for a float32 model
+            even when the trainer enables TF32; ``"bf16"`` is fastest on GPUs and stays within
+            1e-2 of float64 for transformer_attribution.
+        include_random: also score the ``random`` control, the chance level of every metric
+            (and of the shortcut signals; without it their chance level is the uniform map's).
+        shortcut_alarm: judge the shortcut signals and raise alarms (False: signals are still logged).
+        shortcut_thresholds: overrides of :class:`vitlens.metrics.shortcut.ShortcutThresholds`
+            (``position_fire``, ``position_clear``, ``object_fire``, ``object_clear``,
+            ``min_images``, ``patience``, ``warmup_epochs``).
+        on_shortcut: ``"warn"`` (default: alert and warn, training goes on) or ``"stop"``
+            (also stop training at the end of the epoch the alarm fires).
         strict: re-raise errors instead of warning and switching off (for tests).
         log_table: log the W&B table ``explain/table`` (one row per epoch and probe sample).
         seed: seed of the probe-set selection.
@@ -100,10 +113,14 @@ class ExplanationCallback(Callback):
         num_samples: int = 8,
         every_n_epochs: int = 1,
         perturbation_samples: int = 8,
-        batch_size: int = 32,
+        shortcut_samples: int = 64,
+        batch_size: int = 64,
         perturbation_batch_size: int = 128,
         precision: str | None = None,
         include_random: bool = True,
+        shortcut_alarm: bool = True,
+        shortcut_thresholds: dict[str, float] | None = None,
+        on_shortcut: str = "warn",
         strict: bool = False,
         log_table: bool = True,
         seed: int = 0,
@@ -117,23 +134,33 @@ class ExplanationCallback(Callback):
                 raise ValueError(f"ExplanationCallback: unknown method {method!r}; choose from {', '.join(METHODS)}")
         if precision is not None and precision not in PRECISIONS:
             raise ValueError(f"ExplanationCallback: precision must be None or one of {', '.join(PRECISIONS)}, got {precision!r}")
+        if on_shortcut not in ON_SHORTCUT:
+            raise ValueError(f"ExplanationCallback: on_shortcut must be one of {', '.join(ON_SHORTCUT)}, got {on_shortcut!r}")
         for name, value, low in (
             ("num_samples", num_samples, 0),
             ("every_n_epochs", every_n_epochs, 1),
             ("perturbation_samples", perturbation_samples, 0),
+            ("shortcut_samples", shortcut_samples, 0),
             ("batch_size", batch_size, 1),
             ("perturbation_batch_size", perturbation_batch_size, 1),
         ):
             if int(value) != value or value < low:
                 raise ValueError(f"ExplanationCallback: {name} must be an integer >= {low}, got {value!r}")
-        self.methods = tuple(m for m in methods if m != _RANDOM)
+        try:
+            thresholds = ShortcutThresholds.from_options(shortcut_thresholds)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"ExplanationCallback: {error}") from None
+        self.methods = tuple(m for m in methods if m != RANDOM)
         self.num_samples = int(num_samples)
         self.every_n_epochs = int(every_n_epochs)
         self.perturbation_samples = int(perturbation_samples)
+        self.shortcut_samples = int(shortcut_samples)
         self.batch_size = int(batch_size)
         self.perturbation_batch_size = int(perturbation_batch_size)
         self.precision = precision
-        self.include_random = bool(include_random or _RANDOM in methods)
+        self.include_random = bool(include_random or RANDOM in methods)
+        self.shortcut_alarm = bool(shortcut_alarm)
+        self.on_shortcut = on_shortcut
         self.strict = bool(strict)
         self.log_table = bool(log_table)
         self.seed = int(seed)
@@ -141,11 +168,15 @@ class ExplanationCallback(Callback):
         self.enabled = True
         self.sample_indices: list[int] | None = None  # dataset indices, probe set first
         self.class_names: list[str] | None = None
+        self.alarm = ShortcutAlarm(thresholds)
+        self.last_result: EpochResult | None = None
         self._dataset_size: int | None = None
         self._pending_error: tuple[BaseException, str] | None = None
         self._cache: tuple[tuple[int, ...], dict[str, torch.Tensor]] | None = None
         self._previous_maps: dict[str, dict[int, torch.Tensor]] = {}
-        self._table = None
+        self._previous_epoch: int | None = None
+        self._backends: dict[int, Backend] = {}
+        self._stop = False
 
     # ------------------------------------------------------------------ state
     @property
@@ -166,6 +197,10 @@ class ExplanationCallback(Callback):
             "class_names": self.class_names,
             "dataset_size": self._dataset_size,
             "seed": self.seed,
+            # drift and the alarm go on after a resume
+            "previous_maps": {m: {int(i): t.clone() for i, t in maps.items()} for m, maps in self._previous_maps.items()},
+            "previous_epoch": self._previous_epoch,
+            "alarm": self.alarm.state_dict(),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -173,10 +208,16 @@ class ExplanationCallback(Callback):
         self.sample_indices = None if indices is None else [int(i) for i in indices]
         self.class_names = state_dict.get("class_names")
         self._dataset_size = state_dict.get("dataset_size")
+        self._previous_maps = {m: {int(i): t for i, t in maps.items()}
+                               for m, maps in (state_dict.get("previous_maps") or {}).items()}
+        self._previous_epoch = state_dict.get("previous_epoch")
+        if state_dict.get("alarm"):
+            self.alarm.load_state_dict(state_dict["alarm"])
         self._cache = None
 
     # ------------------------------------------------------------------ hooks
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._stop = False
         if not self.enabled:
             return
         try:
@@ -206,12 +247,37 @@ class ExplanationCallback(Callback):
                 return
             shards = _all_gather_object(trainer, local)
             failure = None
+            stop = False
             if trainer.is_global_zero:
                 try:
-                    self._log(trainer, pl_module, _merge(shards))
+                    result = merge(shards, epoch=trainer.current_epoch, step=trainer.global_step,
+                                   class_names=self.class_names)
+                    stop = self._judge_and_log(trainer, pl_module, result)
                 except Exception as error:
                     failure = (error, traceback.format_exc())
-            self._all_ranks_ok(trainer, failure, "logging")
+            if not self._all_ranks_ok(trainer, failure, "logging"):
+                return
+            if self.on_shortcut == "stop" and _all_gather_object(trainer, stop)[0]:  # rank 0 decides, all stop
+                trainer.should_stop = True
+                self._stop = True
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not trainer.is_global_zero or not self.shortcut_alarm or not self.alarm.history:
+            return
+        summary = self.alarm.summary()
+        if self.alarm.fired:
+            warnings.warn(summary + (" (training stopped: on_shortcut=stop)" if self._stop else ""),
+                          ShortcutWarning, stacklevel=2)
+        else:
+            rank_zero_info(summary)
+        for backend in self._backends.values():
+            try:
+                backend.finish(self.alarm)
+            except Exception as error:  # the run is over: report, never raise
+                if self.strict:
+                    raise
+                warnings.warn(f"ExplanationCallback: could not write the shortcut summary: {error}", RuntimeWarning,
+                              stacklevel=2)
 
     # ------------------------------------------------------------------ failure guard
     def _all_ranks_ok(self, trainer: Trainer, failure: tuple[BaseException, str] | None, stage: str) -> bool:
@@ -237,10 +303,13 @@ class ExplanationCallback(Callback):
         return False
 
     # ------------------------------------------------------------------ probe set
+    def _count(self) -> int:
+        return max(self.num_samples, self.perturbation_samples, self.shortcut_samples)
+
     def _select(self, trainer: Trainer, pl_module: LightningModule, dataset) -> None:
         size = len(dataset)
         names = dataset_class_names(dataset, trainer.datamodule, pl_module)
-        count = max(self.num_samples, self.perturbation_samples)
+        count = self._count()
         if self.sample_indices is not None:  # restored from a checkpoint
             same_data = self._dataset_size == size and (self.class_names is None or names is None or self.class_names == names)
             if same_data and len(self.sample_indices) >= min(count, size):
@@ -275,7 +344,7 @@ class ExplanationCallback(Callback):
         """Maps of every method (one shared forward/backward pass per chunk) and the logits.
 
         ``targets=None`` explains the predicted class."""
-        methods = self.methods + ((_RANDOM,) if self.include_random else ())
+        methods = self.methods + ((RANDOM,) if self.include_random else ())
         maps: dict[str, list[torch.Tensor]] = {m: [] for m in methods}
         logits = []
         for i in range(0, len(images), self.batch_size):
@@ -291,228 +360,70 @@ class ExplanationCallback(Callback):
             logits.append(out.logits.detach().float())
         return {m: torch.cat(v) for m, v in maps.items()}, torch.cat(logits)
 
-    def _compute(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Any] | None:
+    def _compute(self, trainer: Trainer, pl_module: LightningModule):
         positions = self._shard(trainer)
         if not positions:
             return None
-        with torch.inference_mode(False):
-            return self._compute_shard(trainer, pl_module, positions)
-
-    def _compute_shard(self, trainer: Trainer, pl_module: LightningModule, positions: list[int]) -> dict[str, Any]:
-        pl_module.eval()
-        device = pl_module.device
-        batch = self._load(trainer, positions)
-        images = batch["image"].to(device)
-        labels = batch["label"].to(device)
-        # explain the predicted class (the perturbation test's and localisation's map); the same pass gives the
-        # prediction; then the misclassified probe images again for their true class (shown beside it)
-        where = torch.as_tensor(positions)
-        probe_cpu = where < self.num_samples
-        probe = probe_cpu.to(device)
-        predicted_maps, logits = self._explain(pl_module, images, None)
-        probabilities = logits.softmax(-1)
-        predictions = probabilities.argmax(-1)
-        wrong = predictions != labels
-        true_maps = {m: t.clone() for m, t in predicted_maps.items()}
-        if (wrong & probe).any():
-            again, _ = self._explain(pl_module, images[wrong & probe], labels[wrong & probe])
-            for method, maps in again.items():
-                true_maps[method][wrong & probe] = maps
-
-        perturbed = (where < self.perturbation_samples).to(device)
         mean, std = _normalisation(trainer, pl_module)
-        size = tuple(images.shape[-2:])
-        images01 = denormalize(images[probe], mean, std).clamp(0, 1)
-        objects = _object_masks(batch, size)  # (N, H, W), empty where a sample has none; or None
-        shown_wrong = wrong[probe]
+        with torch.inference_mode(False):
+            pl_module.eval()
+            return compute_shard(
+                pl_module, self._load(trainer, positions), positions,
+                explain=lambda images, targets: self._explain(pl_module, images, targets),
+                num_samples=self.num_samples, perturbation_samples=self.perturbation_samples, mean=mean, std=std,
+                perturbation_batch_size=self.perturbation_batch_size,
+                forward_context=trainer.precision_plugin.forward_context,
+            )
 
-        out: dict[str, Any] = {
-            "all_positions": positions,
-            "positions": where[probe_cpu].tolist(),
-            "index": (batch["index"] if "index" in batch else where)[probe_cpu].tolist(),
-            "label": labels[probe].tolist(),
-            "prediction": predictions[probe].tolist(),
-            "probability": probabilities[probe].gather(1, predictions[probe, None]).squeeze(1).tolist(),
-            "image": _to_uint8(images01),
-            "maps": {},
-            "overlay": {},
-            "overlay_predicted": {},
-            "perturbation": {},
-            "localisation": {},
-        }
-        for method in true_maps:
-            if method != _RANDOM and probe.any():
-                out["maps"][method] = true_maps[method][probe].cpu()
-                out["overlay"][method] = list(overlay(images01, heatmap(true_maps[method][probe], size)))
-                out["overlay_predicted"][method] = {}
-                if shown_wrong.any():
-                    tiles = overlay(images01[shown_wrong], heatmap(predicted_maps[method][probe][shown_wrong], size))
-                    out["overlay_predicted"][method] = dict(zip(shown_wrong.nonzero().flatten().tolist(), tiles))
-            if perturbed.any():
-                with trainer.precision_plugin.forward_context():  # the trainer's autocast (bf16-mixed...), as in validation
-                    result = perturbation_auc(
-                        pl_module,
-                        images[perturbed],
-                        predicted_maps[method][perturbed],
-                        labels[perturbed],
-                        mean=mean,
-                        std=std,
-                        targets=predictions[perturbed],
-                        batch_size=self.perturbation_batch_size,
-                    )
-                out["perturbation"][method] = (int(perturbed.sum()), result.as_dict())
-            if objects is not None:
-                maps = heatmap(predicted_maps[method], size)
-                out["localisation"][method] = {
-                    "pointing_game": pointing_game(maps, objects).cpu(),
-                    "relevance_on_object": relevance_on_object(maps, objects).cpu(),
-                }
+    # ------------------------------------------------------------------ judging and logging (global rank 0)
+    def _judge_and_log(self, trainer: Trainer, pl_module: LightningModule, result: EpochResult) -> bool:
+        """Drift, shortcut signals, alarm; then every back-end. Returns whether to stop (on_shortcut=stop)."""
+        result.drift = self._drift(result)
+        num_classes = len(self.class_names) if self.class_names else int(getattr(pl_module, "num_classes", 0) or 0)
+        num_classes = max(num_classes, int(result.labels.max()) + 1 if len(result.labels) else 0)
+        result.signals = signals_of(result, num_classes)
+        if self.shortcut_alarm:
+            result.events = self.alarm.update(result.epoch, result.signals, result.class_labels(), result.image_size)
+        self.last_result = result
+        scalars = result.scalars()
+        backends = self._active_backends(trainer)
+        if result.events:
+            for event in result.events:
+                warnings.warn(event.message(), ShortcutWarning, stacklevel=2)
+            for backend in backends:
+                backend.alarm(result.events, result)
+        for backend in backends:
+            backend.log(result, scalars)
+        return any(e.kind == "fired" for e in result.events)
+
+    def _active_backends(self, trainer: Trainer) -> list[Backend]:
+        loggers = list(trainer.loggers)
+        if not loggers:
+            key = -1
+            if key not in self._backends:
+                self._backends[key] = FilesBackend(trainer.default_root_dir)
+            return [self._backends[key]]
+        out = []
+        for logger in loggers:
+            if id(logger) not in self._backends:
+                self._backends[id(logger)] = backend_for(logger, log_table=self.log_table)
+            out.append(self._backends[id(logger)])
         return out
 
-    # ------------------------------------------------------------------ logging (global rank 0)
-    def _log(self, trainer: Trainer, pl_module: LightningModule, merged: dict[str, Any]) -> None:
-        scalars: dict[str, float] = {}
-        for method, values in merged["perturbation"].items():
-            for key in _AUC_KEYS:
-                scalars[f"explain/{method}/{key}"] = float(getattr(values, key))
-        scalars.update(merged["localisation"])
-        drift = self._drift(merged)
-        for method, per_sample in drift.items():
-            finite = [v for v in per_sample if np.isfinite(v)]
-            if finite:
-                scalars[f"explain/{method}/drift"] = float(np.mean(finite))
-        epoch, step = trainer.current_epoch, trainer.global_step
-        from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
-
-        loggers = list(trainer.loggers)
-        for logger in loggers:
-            if isinstance(logger, WandbLogger):
-                logger.log_metrics(self._wandb_payload(merged, scalars, drift, epoch), step=step)
-            elif isinstance(logger, TensorBoardLogger):
-                self._log_tensorboard(logger, merged, scalars, step)
-            else:
-                logger.log_metrics(scalars, step=step)
-                if isinstance(logger, CSVLogger):
-                    self._write_pngs(Path(logger.log_dir) / "explain" / f"epoch={epoch:03d}", merged)
-        if not loggers:
-            self._write_pngs(Path(trainer.default_root_dir) / "explain" / f"epoch={epoch:03d}", merged)
-
-    def _drift(self, merged: dict[str, Any]) -> dict[str, list[float]]:
+    def _drift(self, result: EpochResult) -> dict[str, list[float]]:
         """Per method and probe sample: correlation of its map with the previous one (NaN if none)."""
         drift = {}
-        for method, maps in merged["maps"].items():
+        for method, maps in result.maps.items():
             previous = self._previous_maps.get(method, {})
             current = {}
             values = []
-            for index, m in zip(merged["index"], maps):
-                current[index] = m
-                values.append(_correlation(previous[index], m) if index in previous else float("nan"))
+            for index, m in zip(result.index, maps):
+                current[int(index)] = m
+                values.append(correlation(previous[index], m) if index in previous else float("nan"))
             self._previous_maps[method] = current  # only the last epoch's maps are kept
             drift[method] = values
+        self._previous_epoch = result.epoch
         return drift
-
-    def _caption(self, merged: dict[str, Any], i: int, method: str, *, both: bool = True) -> str:
-        label, prediction = merged["label"][i], merged["prediction"][i]
-        caption = (
-            f"#{merged['index'][i]} true: {self._name(label)} | predicted: {self._name(prediction)}"
-            f" ({merged['probability'][i]:.2f})"
-        )
-        if both and i in merged["overlay_predicted"].get(method, {}):
-            caption += f" | left: map of {self._name(label)}, right: map of {self._name(prediction)}"
-        return caption
-
-    def _name(self, label: int) -> str:
-        names = self.class_names
-        return names[label] if names and 0 <= label < len(names) else str(label)
-
-    def _panels(self, merged: dict[str, Any], method: str) -> list[np.ndarray]:
-        """One picture per probe sample: the true class's overlay, beside the predicted one's if they differ."""
-        panels = []
-        for i, true_overlay in enumerate(merged["overlay"][method]):
-            other = merged["overlay_predicted"][method].get(i)
-            panels.append(true_overlay if other is None else side_by_side([true_overlay, other]))
-        return panels
-
-    def _sheet(self, merged: dict[str, Any], method: str) -> np.ndarray:
-        """All probe samples of one method in one captioned picture (TensorBoard, PNG files)."""
-        tiles = []
-        for i, panel in enumerate(self._panels(merged, method)):
-            text = f"{self._name(merged['label'][i])} -> {self._name(merged['prediction'][i])} {merged['probability'][i]:.2f}"
-            tiles.append(caption(panel, text))
-        return contact_sheet(tiles)
-
-    def _wandb_payload(self, merged, scalars, drift, epoch) -> dict[str, Any]:
-        import wandb
-
-        payload: dict[str, Any] = dict(scalars)
-        payload["epoch"] = epoch
-        for method in merged["overlay"]:  # same-size images per key, as the W&B UI wants
-            payload[f"explain/{method}/maps"] = [
-                wandb.Image(tile, caption=self._caption(merged, i, method, both=False))
-                for i, tile in enumerate(merged["overlay"][method])
-            ]
-            predicted = merged["overlay_predicted"][method]
-            if predicted:
-                payload[f"explain/{method}/maps_predicted"] = [
-                    wandb.Image(tile, caption=self._caption(merged, i, method, both=False) + f" | map of the predicted class")
-                    for i, tile in sorted(predicted.items())
-                ]
-        if merged["perturbation"]:
-            ys, keys = [], []
-            for method, values in merged["perturbation"].items():
-                for test, name in (("pos", "positive"), ("neg", "negative")):
-                    ys.append(list(getattr(values, f"{test}_accuracy")))
-                    keys.append(f"{method} {name}")
-            payload["explain/perturbation_curves"] = wandb.plot.line_series(
-                xs=list(values.fractions),
-                ys=ys,
-                keys=keys,
-                title=f"Perturbation test, epoch {epoch}: accuracy vs fraction of pixels removed",
-                xname="fraction removed",
-            )
-        if self.log_table and merged["overlay"]:
-            payload["explain/table"] = self._table_rows(merged, drift, epoch)
-        return payload
-
-    def _table_rows(self, merged, drift, epoch):
-        import wandb
-
-        methods = list(merged["overlay"])
-        columns = ["epoch", "sample_id", "image", *methods, "label", "prediction", "probability"]
-        located = {k: v for k, v in merged["localisation_per_sample"].items() if k.split("/")[0] in methods}
-        scores = [f"{m}/drift" for m in methods] + list(located)
-        columns += scores
-        if self._table is None or list(self._table.columns) != columns:
-            self._table = wandb.Table(columns=columns, log_mode="INCREMENTAL")
-        panels = {m: self._panels(merged, m) for m in methods}
-        for i, index in enumerate(merged["index"]):
-            self._table.add_data(
-                epoch,
-                int(index),
-                wandb.Image(merged["image"][i]),
-                *[wandb.Image(panels[m][i], caption=self._caption(merged, i, m)) for m in methods],
-                self._name(merged["label"][i]),
-                self._name(merged["prediction"][i]),
-                float(merged["probability"][i]),
-                *[float(drift[m][i]) for m in methods],
-                *[float(v[i]) for v in located.values()],
-            )
-        return self._table
-
-    def _log_tensorboard(self, logger, merged, scalars, step) -> None:
-        for method in merged["overlay"]:
-            logger.experiment.add_image(f"explain/{method}/maps", self._sheet(merged, method), global_step=step, dataformats="HWC")
-        if merged["perturbation"]:
-            curves = figure_to_array(plot_perturbation_curves(merged["perturbation"]))
-            logger.experiment.add_image("explain/perturbation_curves", curves, global_step=step, dataformats="HWC")
-        logger.log_metrics(scalars, step=step)
-
-    def _write_pngs(self, folder: Path, merged: dict[str, Any]) -> None:
-        folder.mkdir(parents=True, exist_ok=True)
-        for method in merged["overlay"]:
-            save_png(self._sheet(merged, method), folder / f"{method}.png")
-        if merged["perturbation"]:
-            plot_perturbation_curves(merged["perturbation"], folder / "perturbation_curves.png")
 
 
 # ---------------------------------------------------------------------- helpers
@@ -571,34 +482,6 @@ def _normalisation(trainer: Trainer, pl_module: LightningModule):
     )
 
 
-def _object_masks(batch: dict[str, torch.Tensor], size: tuple[int, int]) -> torch.Tensor | None:
-    """Object masks of the batch (from ``mask``, else from ``box``); samples without one get an empty mask."""
-    if "mask" in batch:
-        masks = batch["mask"].float()
-        valid = batch.get("has_mask")
-    elif "box" in batch:
-        masks = boxes_to_masks(batch["box"], size)
-        valid = batch.get("has_box")
-    else:
-        return None
-    if tuple(masks.shape[-2:]) != tuple(size):
-        raise ValueError(f"ExplanationCallback: object masks are {tuple(masks.shape[-2:])} but images are {size}")
-    if valid is not None:
-        masks = masks * valid.view(-1, 1, 1).to(masks)
-    return masks  # an empty mask gives NaN scores, left out of the means
-
-
-def _to_uint8(images01: torch.Tensor) -> list[np.ndarray]:
-    return list((images01 * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy())
-
-
-def _correlation(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.flatten().double(), b.flatten().double()
-    a, b = a - a.mean(), b - b.mean()
-    denominator = a.norm() * b.norm()
-    return float((a @ b) / denominator) if denominator > 0 else float("nan")
-
-
 def _all_gather_object(trainer: Trainer, value):
     """``[value of rank 0, value of rank 1, ...]``; every rank must call it."""
     if trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
@@ -606,41 +489,3 @@ def _all_gather_object(trainer: Trainer, value):
         dist.all_gather_object(gathered, value)
         return gathered
     return [value]
-
-
-def _merge(shards: list[dict[str, Any] | None]) -> dict[str, Any]:
-    """The ranks' results as one: probe samples in probe order, perturbation curves weighted by image count."""
-    shards = [s for s in shards if s is not None]
-    merged: dict[str, Any] = {"overlay": {}, "overlay_predicted": {}, "maps": {}, "perturbation": {}}
-    order = sorted((p, r, i) for r, s in enumerate(shards) for i, p in enumerate(s["positions"]))
-    for key in ("positions", "index", "label", "prediction", "probability", "image"):
-        merged[key] = [shards[r][key][i] for _, r, i in order]
-    methods = list(shards[0]["overlay"]) if shards else []
-    for method in methods:
-        merged["overlay"][method] = [shards[r]["overlay"][method][i] for _, r, i in order]
-        merged["maps"][method] = [shards[r]["maps"][method][i] for _, r, i in order]
-        merged["overlay_predicted"][method] = {
-            k: shards[r]["overlay_predicted"][method][i]
-            for k, (_, r, i) in enumerate(order)
-            if i in shards[r]["overlay_predicted"][method]
-        }
-    for method in shards[0]["perturbation"] if shards else []:
-        parts = [s["perturbation"][method] for s in shards if method in s["perturbation"]]
-        total = sum(n for n, _ in parts)
-        values = {}
-        for key in (*_CURVE_KEYS, *_AUC_KEYS):  # the AUC is linear in the curve: weighted means are exact
-            mean = np.sum([np.asarray(v[key], dtype=np.float64) * n for n, v in parts], axis=0) / total
-            values[key] = mean.tolist() if mean.ndim else float(mean)
-        merged["perturbation"][method] = PerturbationResult(fractions=tuple(parts[0][1]["fractions"]), **values)
-    # localisation: per explained image; probe rows for the table, means over all explained images
-    merged["localisation"] = {}
-    merged["localisation_per_sample"] = {}
-    everything = sorted((p, r, i) for r, s in enumerate(shards) for i, p in enumerate(s["all_positions"]))
-    for method in shards[0]["localisation"] if shards else []:
-        for score in shards[0]["localisation"][method]:
-            values = np.array([float(shards[r]["localisation"][method][score][i]) for _, r, i in everything])
-            by_position = dict(zip((p for p, _, _ in everything), values))
-            merged["localisation_per_sample"][f"{method}/{score}"] = [by_position[p] for p in merged["positions"]]
-            if np.isfinite(values).any():
-                merged["localisation"][f"explain/{method}/{score}"] = float(np.nanmean(values))
-    return merged

@@ -21,7 +21,7 @@ _BLOCK = 32768
 _RECORD_HEADER = struct.Struct("<IHB")  # crc32 of (type, data), length, type
 _FULL, _FIRST, _MIDDLE, _LAST = 1, 2, 3, 4
 
-__all__ = ["find_run_file", "read_records", "read_history"]
+__all__ = ["find_run_file", "read_records", "read_history", "read_alerts", "read_summary"]
 
 
 def find_run_file(path: str | Path) -> Path:
@@ -99,3 +99,25 @@ def read_history(path: str | Path) -> list[dict]:
             continue
         rows.append({_item_key(item): json.loads(item.value_json) for item in record.history.item})
     return rows
+
+
+def read_alerts(path: str | Path) -> list[dict]:
+    """The run's alerts (``run.alert``) in order: ``{"title", "text", "level"}``."""
+    alerts = []
+    for record in read_records(path):
+        if record.WhichOneof("record_type") == "alert":
+            alerts.append({"title": record.alert.title, "text": record.alert.text, "level": record.alert.level})
+    return alerts
+
+
+def read_summary(path: str | Path) -> dict:
+    """The run's final summary, ``{key: value}`` (later updates win; nested keys joined by '/')."""
+    summary: dict = {}
+    for record in read_records(path):
+        if record.WhichOneof("record_type") != "summary":
+            continue
+        for item in record.summary.update:
+            summary[_item_key(item)] = json.loads(item.value_json)
+        for item in record.summary.remove:
+            summary.pop(_item_key(item), None)
+    return summary

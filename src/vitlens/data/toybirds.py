@@ -21,8 +21,17 @@ Written layout (a CSV manifest that `ImageDataModule` reads directly)::
 small square whose corner and colour depend on the class (see `shortcut_box`): a model can
 learn it instead of the bird, and then fails on val/test, where it is absent.
 
+A realistic shortcut is in every split: with `shortcut_probability=p` (0 < p <= 1) each image
+of EVERY split gets the class's mark with probability p (a seeded draw per image, independent
+of the drawing), so validation accuracy stays high and does not reveal it; the manifest gets a
+`shortcut` column (1 = marked), and `DIR/counterfactual/` holds a clean counterfactual test
+split: the same test birds, pixel for pixel, without any mark (its own manifest.csv: the
+same train and val rows, pointing into DIR, and the clean test rows; so
+`--data.path DIR/counterfactual --split test` evaluates on it).
+
     python -m vitlens.data.toybirds --out data/toybirds
     python -m vitlens.data.toybirds --out /tmp/tb --shortcut --preview tb.png
+    python -m vitlens.data.toybirds --out data/toybirds_shortcut --shortcut-probability 0.8
 """
 from __future__ import annotations
 
@@ -215,13 +224,14 @@ def _distractors(draw: ImageDraw.ImageDraw, rng: np.random.Generator, size: int,
             draw.line([cx - d[0], cy - d[1], cx + d[0], cy + d[1]], fill=colour, width=max(1, int(size * 0.03)))
 
 
-def shortcut_box(label: int, image_size: int = 64) -> tuple[int, int, int, int]:
+def shortcut_box(label: int, image_size: int = 64, side: int | None = None) -> tuple[int, int, int, int]:
     """(x, y, w, h) of the class-`label` shortcut mark in an `image_size` image.
 
     Corner = label % 4 (top-left, top-right, bottom-right, bottom-left); colour =
-    SHORTCUT_COLOURS[(label // 4) % 4]; classes 16 apart share a mark.
+    SHORTCUT_COLOURS[(label // 4) % 4]; classes 16 apart share a mark. `side`: the mark's
+    side in pixels (default `image_size // 12`, at least 2).
     """
-    side = max(2, image_size // 12)
+    side = max(2, image_size // 12) if side is None else int(side)
     margin = max(1, image_size // 32)
     far = image_size - margin - side
     x, y = [(margin, margin), (far, margin), (far, far), (margin, far)][label % 4]
@@ -235,6 +245,7 @@ def render_bird(
     *,
     supersample: int = 2,
     shortcut_label: int | None = None,
+    shortcut_size: int | None = None,
     bird_size: tuple[float, float] = (0.55, 0.8),
     distractors: tuple[int, int] = (2, 5),
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -284,7 +295,7 @@ def render_bird(
             _polygon(dparts, p, 255)
 
     if shortcut_label is not None:
-        x, y, w, h = (v * supersample for v in shortcut_box(shortcut_label, image_size))
+        x, y, w, h = (v * supersample for v in shortcut_box(shortcut_label, image_size, shortcut_size))
         draw.rectangle([x, y, x + w - 1, y + h - 1], fill=SHORTCUT_COLOURS[(shortcut_label // 4) % 4])
 
     if supersample > 1:
@@ -306,6 +317,8 @@ def toybirds_options(
     val_per_class: int = 60,
     test_per_class: int = 60,
     shortcut: bool = False,
+    shortcut_probability: float = 0.0,
+    shortcut_size: int | None = None,
     seed: int = 0,
     bird_size: tuple[float, float] = (0.55, 0.8),
     distractors: tuple[int, int] = (2, 5),
@@ -317,6 +330,12 @@ def toybirds_options(
     for key, n in (("train_per_class", train_per_class), ("val_per_class", val_per_class), ("test_per_class", test_per_class)):
         if n < 0:
             raise ValueError(f"toy birds: {key} must be >= 0, got {n}")
+    if not 0.0 <= float(shortcut_probability) <= 1.0:
+        raise ValueError(f"toy birds: shortcut_probability must be in [0, 1], got {shortcut_probability}")
+    if shortcut and shortcut_probability > 0:
+        raise ValueError("toy birds: choose shortcut (train split only) or shortcut_probability (every split), not both")
+    if shortcut_size is not None and not 2 <= int(shortcut_size) <= image_size // 3:
+        raise ValueError(f"toy birds: shortcut_size must be 2..{image_size // 3} pixels for {image_size}-px images, got {shortcut_size}")
     low, high = (float(v) for v in bird_size)
     if not 0.1 <= low <= high <= 0.95:
         raise ValueError(f"toy birds: bird_size must be a range within [0.1, 0.95], got {list(bird_size)}")
@@ -330,6 +349,8 @@ def toybirds_options(
         "val_per_class": int(val_per_class),
         "test_per_class": int(test_per_class),
         "shortcut": bool(shortcut),
+        **({"shortcut_probability": float(shortcut_probability)} if shortcut_probability > 0 else {}),
+        **({"shortcut_size": int(shortcut_size)} if shortcut_size is not None else {}),
         "seed": int(seed),
         "bird_size": [low, high],
         "distractors": [fewest, most],
@@ -349,6 +370,8 @@ def generate_toybirds(
     val_per_class: int = 60,
     test_per_class: int = 60,
     shortcut: bool = False,
+    shortcut_probability: float = 0.0,
+    shortcut_size: int | None = None,
     seed: int = 0,
     bird_size: tuple[float, float] = (0.55, 0.8),
     distractors: tuple[int, int] = (2, 5),
@@ -364,8 +387,9 @@ def generate_toybirds(
     """
     options = toybirds_options(
         num_species=num_species, image_size=image_size, train_per_class=train_per_class,
-        val_per_class=val_per_class, test_per_class=test_per_class, shortcut=shortcut, seed=seed,
-        bird_size=bird_size, distractors=distractors,
+        val_per_class=val_per_class, test_per_class=test_per_class, shortcut=shortcut,
+        shortcut_probability=shortcut_probability, shortcut_size=shortcut_size, seed=seed, bird_size=bird_size,
+        distractors=distractors,
     )
     out = Path(out)
     manifest = out / "manifest.csv"
@@ -416,7 +440,8 @@ def _write(root: Path, options: dict, *, progress: bool) -> None:
     size = options["image_size"]
     counts = {"train": options["train_per_class"], "val": options["val_per_class"], "test": options["test_per_class"]}
     root.mkdir(parents=True)
-    rows = []
+    rows, clean_rows = [], []
+    probability = float(options.get("shortcut_probability", 0.0))
     total = sum(counts.values()) * len(species)
     bar = None
     if progress:
@@ -430,27 +455,53 @@ def _write(root: Path, options: dict, *, progress: bool) -> None:
             for kind in ("images", "masks", "parts"):
                 (root / kind / split / sp.name).mkdir(parents=True)
             mark = label if (options["shortcut"] and split == "train") else None
+            if probability > 0 and split == "test":
+                for kind in ("images", "masks", "parts"):
+                    (root / "counterfactual" / kind / split / sp.name).mkdir(parents=True)
             for i in range(counts[split]):
+                if probability > 0:  # its own draw: the bird is the same whether marked or not
+                    marked = bool(np.random.default_rng([options["seed"], split_id, label, i, 1]).random() < probability)
+                    mark = label if marked else None
                 rng = np.random.default_rng([options["seed"], split_id, label, i])
                 image, bird, parts = render_bird(sp, rng, size, shortcut_label=mark,
-                                                 bird_size=options["bird_size"], distractors=options["distractors"])
+                                                 shortcut_size=options.get("shortcut_size"), bird_size=options["bird_size"], distractors=options["distractors"])
                 rel = f"{split}/{sp.name}/{i:05d}.png"
                 _save_png(image, root / "images" / rel)
                 _save_png(bird.astype(np.uint8) * 255, root / "masks" / rel)
                 _save_png(parts.astype(np.uint8) * 255, root / "parts" / rel)
                 ys, xs = np.nonzero(bird)
                 x0, y0 = int(xs.min()), int(ys.min())
-                rows.append([f"images/{rel}", sp.name, split, f"masks/{rel}", x0, y0,
-                             int(xs.max()) + 1 - x0, int(ys.max()) + 1 - y0, f"parts/{rel}"])
+                row = [f"images/{rel}", sp.name, split, f"masks/{rel}", x0, y0,
+                       int(xs.max()) + 1 - x0, int(ys.max()) + 1 - y0, f"parts/{rel}"]
+                rows.append(row + ([int(mark is not None)] if probability > 0 else []))
+                if probability > 0 and split == "test":
+                    clean = image
+                    if mark is not None:
+                        clean, _, _ = render_bird(sp, np.random.default_rng([options["seed"], split_id, label, i]), size,
+                                                  bird_size=options["bird_size"], distractors=options["distractors"])
+                    cf = root / "counterfactual"
+                    _save_png(clean, cf / "images" / rel)
+                    _save_png(bird.astype(np.uint8) * 255, cf / "masks" / rel)
+                    _save_png(parts.astype(np.uint8) * 255, cf / "parts" / rel)
+                    clean_rows.append(row + [0])
             if bar is not None:
                 bar.update(counts[split])
     if bar is not None:
         bar.close()
+    header = ["path", "label", "split", "mask", "x", "y", "w", "h", "parts_mask"] + (["shortcut"] if probability > 0 else [])
     with open(root / "manifest.csv", "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["path", "label", "split", "mask", "x", "y", "w", "h", "parts_mask"])
+        writer.writerow(header)
         writer.writerows(rows)
     (root / "classes.txt").write_text("".join(f"{s.name}\n" for s in species))
+    if clean_rows:
+        # train and val as in the main set (paths into it), test clean
+        parent = [["../" + r[0], *r[1:3], "../" + r[3], *r[4:8], "../" + r[8], *r[9:]] for r in rows if r[2] != "test"]
+        with open(root / "counterfactual" / "manifest.csv", "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(header)
+            writer.writerows(parent + clean_rows)
+        (root / "counterfactual" / "classes.txt").write_text("".join(f"{s.name}\n" for s in species))
     (root / "toybirds.json").write_text(json.dumps(options, indent=1, sort_keys=True) + "\n")
 
 
@@ -493,6 +544,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--val-per-class", type=int, default=60)
     parser.add_argument("--test-per-class", type=int, default=60)
     parser.add_argument("--shortcut", action="store_true", help="plant a class-coloured corner mark in train images")
+    parser.add_argument("--shortcut-probability", type=float, default=0.0, metavar="P",
+                        help="plant the mark in images of EVERY split with probability P (+ a clean counterfactual test split)")
+    parser.add_argument("--shortcut-size", type=int, default=None, metavar="PX", help="side of the mark (default: image size / 12)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--bird-size", type=float, nargs=2, default=(0.55, 0.8), metavar=("MIN", "MAX"),
                         help="bird length as a fraction of the image side")
@@ -504,12 +558,13 @@ def main(argv: list[str] | None = None) -> None:
     manifest = generate_toybirds(
         args.out, args.num_species, image_size=args.image_size, train_per_class=args.train_per_class,
         val_per_class=args.val_per_class, test_per_class=args.test_per_class, shortcut=args.shortcut,
-        seed=args.seed, bird_size=tuple(args.bird_size), distractors=tuple(args.distractors),
+        shortcut_probability=args.shortcut_probability, shortcut_size=args.shortcut_size, seed=args.seed, bird_size=tuple(args.bird_size), distractors=tuple(args.distractors),
         overwrite=args.overwrite, progress=True,
     )
     print(f"toy birds: {manifest}")
     if args.preview:
-        grid = preview_grid(args.preview, args.num_species, image_size=args.image_size, shortcut=args.shortcut, seed=args.seed,
+        grid = preview_grid(args.preview, args.num_species, image_size=args.image_size,
+                            shortcut=args.shortcut or args.shortcut_probability > 0, seed=args.seed,
                             bird_size=tuple(args.bird_size), distractors=tuple(args.distractors))
         print(f"preview: {grid}")
 

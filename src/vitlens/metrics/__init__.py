@@ -4,6 +4,7 @@ from vitlens.metrics.localization import (
     LocalizationScores,
     boxes_to_masks,
     mask_roc_auc,
+    object_masks,
     pointing_game,
     relevance_on_object,
 )
@@ -14,6 +15,6 @@ from vitlens.metrics.segmentation import SegmentationScores, segmentation_scores
 __all__ = [
     "PAPER_FRACTIONS", "PerturbationResult", "perturbation_auc", "curve_auc", "removal_ranks",
     "SegmentationScores", "segmentation_scores_per_image", "average_precision", "roc_auc",
-    "LocalizationScores", "boxes_to_masks", "pointing_game", "relevance_on_object", "mask_roc_auc",
+    "LocalizationScores", "boxes_to_masks", "pointing_game", "relevance_on_object", "mask_roc_auc", "object_masks",
     "bootstrap_ci",
 ]

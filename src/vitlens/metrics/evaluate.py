@@ -24,7 +24,7 @@ from typing import Iterable, Sequence
 import torch
 
 from vitlens.metrics.bootstrap import bootstrap_ci
-from vitlens.metrics.localization import LocalizationScores, boxes_to_masks
+from vitlens.metrics.localization import LocalizationScores, object_masks
 from vitlens.metrics.perturbation import PAPER_FRACTIONS, TESTS, PerturbationResult, _perturbed_rows, _result
 from vitlens.metrics.segmentation import SegmentationScores
 from vitlens.relevance.heatmap import heatmap
@@ -296,7 +296,10 @@ def evaluate_explanations(
             wrong_cpu = wrong.cpu()
             clean_c, clean_pp, clean_lp = clean_correct.cpu(), clean_pred_prob.cpu(), clean_label_prob.cpu()
             h, w = images.shape[-2:]
-            masks, valid = _object_masks(batch, take, (h, w), device)
+            # a sample's mask where it has one, else its box (the same rule as the callback's)
+            found = object_masks({k: v[:take].to(device) for k, v in batch.items()
+                                  if k in ("mask", "has_mask", "box", "has_box")}, (h, w))
+            masks, valid = found if found is not None else (None, None)
             if "mask" in batch:
                 any_masks |= bool(batch.get("has_mask", torch.ones(take, dtype=torch.bool))[:take].any())
             if "box" in batch:
@@ -365,19 +368,3 @@ def evaluate_explanations(
             "has_boxes": any_boxes}
     return EvaluationReport(report, curves, curves_target, meta)
 
-
-def _object_masks(batch: dict, take: int, size: tuple[int, int], device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """(B, H, W) object masks and (B,) validity: a sample's mask where it has one, else its box."""
-    masks = valid = None
-    if "mask" in batch:
-        masks = batch["mask"][:take].to(device)
-        valid = batch.get("has_mask", torch.ones(take, dtype=torch.bool))[:take].to(device)
-    if "box" in batch:
-        box_masks = boxes_to_masks(batch["box"][:take].to(device), size)
-        has_box = batch.get("has_box", torch.ones(take, dtype=torch.bool))[:take].to(device)
-        if masks is None:
-            masks, valid = box_masks, has_box
-        else:
-            masks = torch.where(valid.view(-1, 1, 1), masks, box_masks)
-            valid = valid | has_box
-    return masks, valid

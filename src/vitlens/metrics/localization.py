@@ -29,6 +29,36 @@ def boxes_to_masks(boxes: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return (inside_y.unsqueeze(2) & inside_x.unsqueeze(1)).float()
 
 
+def object_masks(batch: dict, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The object of every sample of a batch dict: ``(masks (B, H, W) float, valid (B,) bool)``, or None.
+
+    One rule for the callback and ``explain.py evaluate``: a sample's ``mask`` where it has one
+    (``has_mask``, default: all), else its ``box`` (``has_box``, default: all); a sample with
+    neither gets an empty mask and ``valid=False`` (its scores are NaN, left out of means).
+    None when the batch has neither key.
+    """
+    h, w = size
+    masks = valid = None
+    if "mask" in batch:
+        masks = torch.as_tensor(batch["mask"]).float()
+        if tuple(masks.shape[-2:]) != (h, w):
+            raise ValueError(f"object masks are {tuple(masks.shape[-2:])} but the images are {(h, w)}: "
+                             "masks must be transformed with their images")
+        valid = torch.as_tensor(batch.get("has_mask", torch.ones(len(masks), dtype=torch.bool))).bool().to(masks.device)
+    if "box" in batch:
+        boxes = torch.as_tensor(batch["box"])
+        has_box = torch.as_tensor(batch.get("has_box", torch.ones(len(boxes), dtype=torch.bool))).bool().to(boxes.device)
+        box_masks = boxes_to_masks(boxes, (h, w))
+        if masks is None:
+            masks, valid = box_masks, has_box
+        else:
+            masks = torch.where(valid.view(-1, 1, 1), masks, box_masks.to(masks.device))
+            valid = valid | has_box.to(valid.device)
+    if masks is None:
+        return None
+    return masks * valid.view(-1, 1, 1).to(masks), valid
+
+
 def _check(heatmaps: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if heatmaps.dim() != 3 or masks.shape != heatmaps.shape:
         raise ValueError(

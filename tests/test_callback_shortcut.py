@@ -1,0 +1,127 @@
+"""The shortcut alarm in real fits: offline W&B alert read back, clean fit quiet, stop, resume keeps drift and hysteresis."""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from conftest import TINY_CLASSES, TINY_MODEL, tiny_datamodule
+from vitlens.callbacks import ExplanationCallback, ShortcutWarning
+from vitlens.callbacks.wandb_offline import read_alerts, read_history, read_summary
+from vitlens.models import ViTClassifier
+
+# thresholds so low that any map fires after the first epoch: tests the plumbing (what is
+# raised where), not the thresholds, which BENCHMARKS.md measures on the real jobs
+EAGER = dict(position_fire=0.5, position_clear=0.4, object_fire=100.0, object_clear=200.0, patience=1,
+             warmup_epochs=1, min_images=1)
+
+
+@pytest.fixture(autouse=True)
+def wandb_teardown(monkeypatch, tmp_path):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    yield
+    import wandb
+
+    wandb.finish()
+    wandb.teardown()
+
+
+def _fit(root, tmp_path, callback, *, logger=False, max_epochs=2, ckpt_path=None, extra=()):
+    L.seed_everything(0, verbose=False)
+    model = ViTClassifier(class_names=TINY_CLASSES, lr=3e-3, weight_decay=0.01, **TINY_MODEL)
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=max_epochs, logger=logger,
+                        callbacks=[callback, *extra], enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=tmp_path, num_sanity_val_steps=0, limit_train_batches=2,
+                        enable_checkpointing=bool(extra))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(model, datamodule=tiny_datamodule(root), ckpt_path=ckpt_path)
+    return trainer, [w for w in caught if issubclass(w.category, ShortcutWarning)]
+
+
+def _callback(**kw):
+    return ExplanationCallback(num_samples=4, perturbation_samples=0, shortcut_samples=16, strict=True, **kw)
+
+
+def test_alarm_reaches_the_offline_wandb_run_the_log_and_the_summary(tiny_dataset_dir, tmp_path):
+    from lightning.pytorch.loggers import WandbLogger
+
+    logger = WandbLogger(project="vitlens-test", save_dir=str(tmp_path), offline=True)
+    callback = _callback(shortcut_thresholds=EAGER)
+    _, caught = _fit(tiny_dataset_dir, tmp_path, callback, logger=logger, max_epochs=2)
+    run_dir = Path(logger.experiment.dir).parent
+    import wandb
+
+    wandb.finish()
+    wandb.teardown()
+    fired = callback.alarm.fired
+    assert fired and {e.epoch for e in fired} == {1}  # warm-up: never at epoch 0
+    alerts = read_alerts(run_dir)
+    assert len(alerts) == len({e.method for e in fired})  # one alert per method and epoch
+    assert all(a["level"] == "WARN" and "shortcut suspected at epoch 1" in a["title"] for a in alerts)
+    assert any(e.class_name in alerts[0]["text"] for e in fired)
+    summary = read_summary(run_dir)
+    assert summary["shortcut/alarm"] is True and summary["shortcut/first_alarm_epoch"] == 1
+    assert summary["shortcut/alarms_fired"] == len(fired)
+    rows = [r for r in read_history(run_dir) if "shortcut/alarms/_type" in r]
+    assert len(rows) == 1 and rows[0]["shortcut/alarms/nrows"] == len(fired)  # the table, in the epoch's step
+    history = [r for r in read_history(run_dir) if "epoch" in r and any(k.startswith("shortcut/") for k in r)]
+    for row in history:
+        for method in callback.methods:
+            assert row[f"shortcut/{method}/class_mean_maps/count"] == 4
+            assert row[f"shortcut/{method}/position_lift_max"] > 0
+            assert 0 < row[f"shortcut/{method}/{TINY_CLASSES[0]}/peak_mass"] <= 1
+    one_liners = [str(w.message) for w in caught if "shortcut suspected at epoch" in str(w.message)]
+    assert len(one_liners) == len(fired) and all("\n" not in m for m in one_liners)
+    assert any("shortcut alarm:" in str(w.message) for w in caught)  # the end-of-fit summary
+
+
+def test_default_thresholds_stay_quiet_on_a_clean_fit(tiny_dataset_dir, tmp_path):
+    callback = _callback()
+    _, caught = _fit(tiny_dataset_dir, tmp_path, callback, max_epochs=3)
+    assert len(callback.alarm.history) == 3 and callback.alarm.events == [] and caught == []
+    assert not (tmp_path / "explain" / "shortcut_alarms.csv").exists()
+
+
+def test_on_shortcut_stop_ends_training_and_writes_the_alarm_csv(tiny_dataset_dir, tmp_path):
+    callback = _callback(shortcut_thresholds=EAGER, on_shortcut="stop")
+    trainer, _ = _fit(tiny_dataset_dir, tmp_path, callback, max_epochs=5)
+    assert trainer.current_epoch == 2  # fired at epoch 1, stopped after it
+    text = (tmp_path / "explain" / "shortcut_alarms.csv").read_text()
+    assert text.startswith("epoch,kind,signal") and ",fired,position," in text
+    with pytest.raises(ValueError, match="on_shortcut"):
+        ExplanationCallback(on_shortcut="panic")
+    with pytest.raises(ValueError, match="unknown key"):
+        ExplanationCallback(shortcut_thresholds={"nope": 1})
+
+
+def test_resume_continues_drift_and_the_alarm(tiny_dataset_dir, tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    whole = _callback()
+    _fit(tiny_dataset_dir, tmp_path / "whole", whole, max_epochs=2)
+    class StopAfterFirstEpoch(L.Callback):  # same max_epochs (so the same LR schedule), interrupted after epoch 0
+        def on_validation_end(self, trainer, pl_module):
+            trainer.should_stop = True
+
+    first = _callback()
+    _fit(tiny_dataset_dir, tmp_path / "a", first, max_epochs=2,
+         extra=[StopAfterFirstEpoch(), ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)])
+    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=False)["callbacks"][first.state_key]
+    assert set(saved["previous_maps"]) == set(first.methods) and len(saved["alarm"]["history"]) == 1
+    resumed = _callback()
+    _fit(tiny_dataset_dir, tmp_path / "b", resumed, max_epochs=2, ckpt_path=tmp_path / "ckpt" / "last.ckpt",
+         extra=[ModelCheckpoint(dirpath=tmp_path / "ckpt2")])
+    assert [h["epoch"] for h in resumed.alarm.history] == [h["epoch"] for h in whole.alarm.history] == [0, 1]
+    assert resumed.alarm.history[0] == whole.alarm.history[0]  # epoch 0 came from the checkpoint
+    # the drift point of epoch 1 exists after a resume, as without one (its value differs a little:
+    # Lightning does not restore the data order's random state, so epoch 1 trains on another order)
+    for method in whole.methods:
+        assert f"explain/{method}/drift" in whole.last_result.scalars()
+        assert -1 <= resumed.last_result.scalars()[f"explain/{method}/drift"] <= 1
+        assert len(resumed.last_result.drift[method]) == len(whole.last_result.drift[method]) == 4
