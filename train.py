@@ -250,6 +250,8 @@ class VitlensCLI(LightningCLI):
             args = logger["init_args"]
             if root and args.get("save_dir") in (None, ".", ""):
                 args["save_dir"] = str(root)  # the W&B run goes under the run folder too
+        if self.subcommand in ("validate", "test") and config.get("ckpt_path"):
+            self._checkpoint_data(config)
         if self.subcommand != "fit" or not config.get("ckpt_path"):
             return
         ckpt_path = config["ckpt_path"]
@@ -268,6 +270,23 @@ class VitlensCLI(LightningCLI):
         if run_id:
             for logger in wandb:
                 logger["init_args"]["id"] = run_id  # WandbLogger resumes it (resume="allow")
+
+    def _checkpoint_data(self, config) -> None:
+        """validate/test --ckpt_path: the split and eval transform the model was trained with
+        (the checkpoint's data settings), not the config's defaults; an override that puts
+        training images into the evaluated split is an error (vitlens.data.from_checkpoint)."""
+        import inspect
+
+        from vitlens.data import ImageDataModule
+        from vitlens.data.from_checkpoint import use_checkpoint_data
+
+        ckpt_path = str(config["ckpt_path"])
+        if not Path(ckpt_path).is_file():
+            raise FileNotFoundError(f"--ckpt_path {ckpt_path}: no such checkpoint file")
+        defaults = {name: p.default for name, p in inspect.signature(ImageDataModule.__init__).parameters.items()
+                    if p.default is not inspect.Parameter.empty}
+        for note in use_checkpoint_data(config["data"], ckpt_path, defaults):
+            print(f"note: {note}", file=sys.stderr)
 
     def _preflight(self) -> None:
         from vitlens.preflight import preflight

@@ -217,3 +217,25 @@ def test_fit_without_a_logger(tiny_dataset_dir, tmp_path, capsys):
                 "--trainer.default_root_dir", str(tmp_path), "--trainer.max_steps", "2"])
     assert "epoch 1/" in capsys.readouterr().out  # pytest's captured stdout is not a terminal
     assert list(tmp_path.rglob("last.ckpt"))
+
+
+@pytest.mark.slow
+def test_validate_uses_the_checkpoints_split(tiny_dataset_dir, tmp_path):
+    """Issue 9 item 6: validate rebuilds the split the model was trained with (val_fraction,
+    seed from the checkpoint), and an override that leaks training images into it is an error."""
+    import shutil
+
+    tree = tmp_path / "birds"
+    for image in sorted((tiny_dataset_dir / "images" / "train").rglob("*.png")):
+        (tree / image.parent.name).mkdir(parents=True, exist_ok=True)
+        shutil.copy(image, tree / image.parent.name / image.name)
+    tiny = _tiny_config(tmp_path, tree)
+    _run(["fit", "-c", str(tiny), "--data.val_fraction", "0.5", "--data.seed", "3", "--trainer.max_steps", "2",
+          "--trainer.logger", "false"], cwd=tmp_path)
+    ckpt = next(tmp_path.rglob("last.ckpt"))
+    proc = _run(["validate", "-c", str(tiny), "--ckpt_path", str(ckpt), "--trainer.logger", "false"], cwd=tmp_path)
+    assert "data settings of last.ckpt: val_fraction=0.5, seed=3" in proc.stderr
+    proc = _run(["validate", "-c", str(tiny), "--ckpt_path", str(ckpt), "--data.seed", "7", "--trainer.logger", "false"],
+                cwd=tmp_path, expect_ok=False)
+    assert proc.returncode == 2
+    assert "data.seed=7 puts" in proc.stderr and "Traceback" not in proc.stderr
