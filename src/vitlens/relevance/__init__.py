@@ -4,7 +4,7 @@
 ``explain_many`` shares one forward/backward pass between several methods; ``heatmap``
 upsamples and min-max normalises maps for display and evaluation. See docs/relevance.md.
 """
-from vitlens.relevance.backbone import UnsupportedModelError
+from vitlens.relevance.errors import UnsupportedModelError
 from vitlens.relevance.heatmap import heatmap
 from vitlens.relevance.methods import (
     METHODS,

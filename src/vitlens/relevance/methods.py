@@ -14,8 +14,11 @@ from typing import Mapping, NamedTuple, Sequence
 import torch
 import torch.nn as nn
 
-from vitlens.relevance import rules
-from vitlens.relevance.backbone import Backbone, float32_precision, forward, read_backbone, unwrap
+from vitlens.relevance import lrp_gradient, rules
+from vitlens.relevance import families
+from vitlens.relevance.forward import forward
+from vitlens.relevance.precision import PRECISIONS, Precision, float32_precision, plan as precision_plan
+from vitlens.relevance.weights import Backbone
 
 METHODS = (
     "transformer_attribution",
@@ -26,10 +29,10 @@ METHODS = (
     "partial_lrp",
     "full_lrp",
     "lrp_rollout",
+    "attnlrp",
+    "cp_lrp",
     "random",
 )
-
-PRECISIONS = ("float64", "float32", "tf32", "bf16")
 
 # option name -> default, per method
 _OPTIONS = {
@@ -38,7 +41,13 @@ _OPTIONS = {
     "rollout": {"start_layer": 1},
     "lrp_rollout": {"start_layer": 0},
     "random": {"seed": 0},
+    "attnlrp": {"gamma_linear": 0.05, "gamma_conv": 0.25, "resolution": "pixel"},
+    "cp_lrp": {"gamma_linear": 0.05, "gamma_conv": 0.25, "resolution": "pixel"},
 }
+
+# methods that are one Gradient x Input pass of a rule set (``lrp_gradient.RULE_SETS``):
+# method name -> rule set name
+_GRADIENT_FORM = {"attnlrp": "attnlrp", "cp_lrp": "cp_lrp"}
 
 
 class Explanation(NamedTuple):
@@ -62,7 +71,9 @@ def explain(model: nn.Module, images: torch.Tensor, method: str = "transformer_a
             targets=None, *, precision: str | None = None, return_logits: bool = False,
             **options):
     """Relevance of every patch for the explained class, ``(B, grid_h, grid_w)`` raw values
-    (``full_lrp``: pixel level, ``(B, H, W)``).
+    (``full_lrp``, ``attnlrp``, ``cp_lrp``: pixel level, ``(B, H, W)``, summed over colour
+    channels; ``attnlrp`` / ``cp_lrp`` with ``resolution="patch"``: the sum over each patch,
+    ``lrp_gradient.patch_grid``).
 
     Args:
         model: a timm VisionTransformer (ViT, DeiT incl. distilled, MAE-style average pooling,
@@ -81,7 +92,8 @@ def explain(model: nn.Module, images: torch.Tensor, method: str = "transformer_a
         return_logits: return an ``Explanation(relevance, logits, targets)`` instead of the
             map: the logits come from the same forward pass.
         **options: ``start_layer`` (transformer_attribution: 1, rollout: 1, lrp_rollout: 0,
-            grad_rollout: 0), ``seed`` (random: 0).
+            grad_rollout: 0), ``seed`` (random: 0), ``gamma_linear`` (0.05), ``gamma_conv``
+            (0.25) and ``resolution`` (``"pixel"`` | ``"patch"``) for attnlrp / cp_lrp.
 
     The model is left exactly as found (modes, flags, hooks, gradients); works under
     ``torch.no_grad()`` and ``torch.inference_mode()``.
@@ -101,15 +113,15 @@ def explain_many(model: nn.Module, images: torch.Tensor,
     ``Explanations(maps, logits, targets)``.
     """
     requested = _check_methods(methods)
-    vit = unwrap(model)
-    plan = _precision(precision, vit)
+    vit = families.unwrap(model)
+    plan = precision_plan(precision, next(vit.parameters()).dtype)
     device = images.device if isinstance(images, torch.Tensor) else None
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch.inference_mode(False))
         stack.enter_context(torch.enable_grad())
         if device is not None and torch.amp.is_autocast_available(device.type):
             stack.enter_context(torch.autocast(device.type, enabled=False))
-        bb = read_backbone(vit, dtype=plan.dtype, mm_dtype=plan.mm_dtype, rounding=plan.rounding,
+        bb = families.read(vit, dtype=plan.dtype, mm_dtype=plan.mm_dtype, rounding=plan.rounding,
                            tf32=plan.tf32)
         images = _check_images(images, bb, vit)
         return _run(bb, images, requested, targets, plan)
@@ -137,32 +149,6 @@ def _check_methods(methods) -> dict[str, dict]:
     if not requested:
         raise ValueError(f"no relevance method requested; choose from {', '.join(METHODS)}")
     return requested
-
-
-class _Precision(NamedTuple):
-    """How ``precision`` is carried out (see ``explain``)."""
-
-    dtype: torch.dtype  # the forward's records and the rules' elementwise arithmetic
-    mm_dtype: torch.dtype  # the rules' matmuls (and the Linear layers of a fast forward)
-    rounding: bool  # those matmuls round their inputs: bf16, fp16 or TF32
-    tf32: bool  # the rounding is TF32's (float32 tensors, torch's TF32 switch)
-
-
-def _precision(precision, vit) -> _Precision:
-    param = next(vit.parameters())
-    if precision is None:
-        if param.dtype in (torch.float32, torch.float64):
-            return _Precision(param.dtype, param.dtype, False, False)
-        return _Precision(torch.float32, param.dtype, True, False)  # half / bf16 models: their dtype for matmuls
-    if precision == "float64":
-        return _Precision(torch.float64, torch.float64, False, False)
-    if precision == "float32":
-        return _Precision(torch.float32, torch.float32, False, False)
-    if precision == "tf32":
-        return _Precision(torch.float32, torch.float32, True, True)
-    if precision == "bf16":
-        return _Precision(torch.float32, torch.bfloat16, True, False)
-    raise ValueError(f"unknown precision {precision!r}; choose None or one of {', '.join(PRECISIONS)}")
 
 
 def _check_images(images, bb: Backbone, vit) -> torch.Tensor:
@@ -214,7 +200,38 @@ def _targets(targets, logits: torch.Tensor) -> torch.Tensor:
 
 
 def _run(bb: Backbone, images: torch.Tensor, req: dict[str, dict], targets,
-         plan: _Precision) -> Explanations:
+         plan: Precision) -> Explanations:
+    """The recorded pass for the record-reading methods, then one Gradient x Input pass per
+    rule-set method (its own forward/backward: the rules live in the backward)."""
+    grad_form = {m: o for m, o in req.items() if m in _GRADIENT_FORM}
+    for name, o in grad_form.items():
+        if o["resolution"] not in ("pixel", "patch"):
+            raise ValueError(f"{name}: resolution must be 'pixel' or 'patch', got {o['resolution']!r}")
+        for g in ("gamma_linear", "gamma_conv"):
+            if not isinstance(o[g], numbers.Real) or o[g] < 0:
+                raise ValueError(f"{name}: {g} must be a number >= 0, got {o[g]!r}")
+    rest = {m: o for m, o in req.items() if m not in grad_form}
+    maps, logits, t = {}, None, None
+    if rest:
+        out = _run_records(bb, images, rest, targets, plan)
+        maps, logits, t = dict(out.maps), out.logits, out.targets
+    with float32_precision(False):
+        for name, o in grad_form.items():
+            fixed = t
+            r, lg, tt = lrp_gradient.relevance(
+                bb, _GRADIENT_FORM[name], images,
+                (lambda l: _targets(targets, l)) if fixed is None else (lambda l: fixed),
+                gamma_linear=float(o["gamma_linear"]), gamma_conv=float(o["gamma_conv"]))
+            if logits is None:
+                logits, t = lg, tt
+            H, W = images.shape[-2:]
+            r = r[:, :H, :W]
+            maps[name] = lrp_gradient.patch_grid(r, bb.patch_size) if o["resolution"] == "patch" else r
+    return Explanations({m: maps[m].detach() for m in req}, logits, t)
+
+
+def _run_records(bb: Backbone, images: torch.Tensor, req: dict[str, dict], targets,
+                 plan: Precision) -> Explanations:
     L = len(bb.blocks)
     for name, opts in req.items():
         s = opts.get("start_layer")
@@ -252,6 +269,7 @@ def _run(bb: Backbone, images: torch.Tensor, req: dict[str, dict], targets,
         del dA, selected
 
     maps: dict[str, torch.Tensor] = {}
+    block_rule = getattr(bb.family, "block_rule", None) or rules.block_rule
     p = bb.num_prefix_tokens
     gh, gw = trace.embedding.grid
     B = images.shape[0]
@@ -298,7 +316,7 @@ def _run(bb: Backbone, images: torch.Tensor, req: dict[str, dict], targets,
             r_ta = readout if "transformer_attribution" in req else None
             r_lr = readout if "lrp_rollout" in req else None
             for i in reversed(range(paper_from, L)):
-                R, R_attn = rules.block_rule(bb, bb.blocks[i], trace.blocks[i], R,
+                R, R_attn = block_rule(bb, bb.blocks[i], trace.blocks[i], R,
                                              to_input=i > paper_from,
                                              rows=top_rows if i == L - 1 else None)
                 if r_ta is not None and i >= start["transformer_attribution"]:
@@ -318,7 +336,7 @@ def _run(bb: Backbone, images: torch.Tensor, req: dict[str, dict], targets,
             R, readout = rules.head_rule(bb, trace, t, plain=True)
             for i in reversed(range(plain_from, L)):
                 full = "full_lrp" in req
-                R, R_attn = rules.block_rule(bb, bb.blocks[i], trace.blocks[i], R, plain=True,
+                R, R_attn = block_rule(bb, bb.blocks[i], trace.blocks[i], R, plain=True,
                                              to_input=full, rows=top_rows if i == L - 1 else None)
                 if i == L - 1 and "partial_lrp" in req:
                     row = torch.bmm(readout[:, None], R_attn.clamp(min=0).mean(1))[:, 0]

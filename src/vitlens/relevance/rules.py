@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from vitlens.relevance.backbone import Backbone, BlockTrace, BlockWeights, Linear, Trace, qkv_output
+from vitlens.relevance.forward import BlockTrace, Trace, qkv_output
+from vitlens.relevance.weights import Backbone, BlockWeights, Linear
 
 EPS = 1e-9
 

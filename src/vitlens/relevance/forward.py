@@ -1,0 +1,233 @@
+"""The eval-mode forward pass, recomputed functionally from ``weights.Backbone``.
+
+``explain()`` never calls the model's modules and never changes them: it reads their weights
+(detached) and recomputes the forward pass with plain tensor functions, recording what the
+relevance rules need (the attention matrices, the inputs of every Linear layer, ...). So the
+model's fused attention flag, train/eval mode, hooks, ``requires_grad`` flags and ``.grad``
+are untouched by construction, and the attention matrix is available without switching
+timm's fused attention off. Tests check that this forward pass gives the model's logits.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from vitlens.relevance.weights import Backbone, BlockWeights, Norm
+
+
+
+def gelu(x: torch.Tensor, approximate: str) -> torch.Tensor:
+    """GELU as the model computes it; ``"quick"`` is OpenAI CLIP's ``x * sigmoid(1.702 x)``."""
+    if approximate == "quick":
+        return x * torch.sigmoid(1.702 * x)
+    return F.gelu(x, approximate=approximate)
+
+
+def layer_norm(x: torch.Tensor, norm: Norm | None) -> torch.Tensor:
+    if norm is None:
+        return x
+    return F.layer_norm(x, x.shape[-1:], norm.weight, norm.bias, norm.eps)
+
+
+@dataclass
+class Embedding:
+    images: torch.Tensor  # the (padded) input of the patch convolution
+    patches: torch.Tensor  # (B, P, D) patch tokens after the patch norm, before position embedding
+    tokens: torch.Tensor  # (B, N, D) after position embedding (block 0 input before norm_pre)
+    grid: tuple[int, int]
+
+
+def embed(bb: Backbone, images: torch.Tensor) -> Embedding:
+    """Patch embedding + prefix tokens + position embedding (timm ``_pos_embed``)."""
+    from timm.layers import resample_abs_pos_embed
+
+    H, W = images.shape[-2:]
+    ph, pw = bb.patch_size
+    if bb.dynamic_img_pad:
+        images = F.pad(images, (0, (pw - W % pw) % pw, 0, (ph - H % ph) % ph))
+    elif not bb.dynamic_img_size and bb.img_size is not None and (H, W) != bb.img_size:
+        raise ValueError(
+            f"images are {H}x{W} but the model was built for {bb.img_size[0]}x{bb.img_size[1]}; "
+            "build it with dynamic_img_size=True to explain other sizes"
+        )
+    elif H % ph or W % pw:
+        raise ValueError(f"image size {H}x{W} is not a multiple of the patch size {ph}x{pw}")
+    x = F.conv2d(images, bb.patch_weight, bb.patch_bias, stride=bb.patch_size)
+    grid = tuple(x.shape[-2:])
+    patches = layer_norm(x.flatten(2).transpose(1, 2), bb.patch_norm)
+    B = patches.shape[0]
+    pos = bb.pos_embed
+    if pos is not None and grid != bb.grid_size:
+        pos = resample_abs_pos_embed(
+            pos, new_size=grid, old_size=bb.grid_size,
+            num_prefix_tokens=0 if bb.no_embed_class else bb.num_prefix_tokens,
+        )
+    prefix = [] if bb.prefix_tokens is None else [bb.prefix_tokens.expand(B, -1, -1)]
+    if pos is None:
+        tokens = torch.cat(prefix + [patches], dim=1)
+    elif bb.no_embed_class:
+        tokens = torch.cat(prefix + [patches + pos], dim=1)
+    else:
+        tokens = torch.cat(prefix + [patches], dim=1) + pos
+    return Embedding(images=images, patches=patches, tokens=tokens, grid=grid)
+
+
+@dataclass
+class BlockTrace:
+    """What one block's forward pass leaves for the relevance rules (None: not recorded)."""
+
+    attn: torch.Tensor | None = None  # (B, H, N, N) softmax output
+    x: torch.Tensor | None = None  # block input
+    h1: torch.Tensor | None = None  # qkv input (in the matmul dtype: see ``_record``)
+    qkv: torch.Tensor | None = None  # qkv output (B, N, 3 * H * d), kept only with q/k norm
+    q: torch.Tensor | None = None  # (B, H, N, d) after q_norm, unscaled
+    k: torch.Tensor | None = None
+    v: torch.Tensor | None = None
+    heads: torch.Tensor | None = None  # (B, H, N, d) = attn @ v
+    o: torch.Tensor | None = None  # proj input (B, N, H * d), in the matmul dtype
+    proj: torch.Tensor | None = None  # proj output
+    a: torch.Tensor | None = None  # attention branch output (after LayerScale)
+    x_mid: torch.Tensor | None = None
+    h2: torch.Tensor | None = None  # fc1 input, in the matmul dtype
+    f1: torch.Tensor | None = None  # fc1 output (not kept with low-precision matmuls)
+    g: torch.Tensor | None = None  # fc2 input, in the matmul dtype
+    f2: torch.Tensor | None = None  # fc2 output
+    m: torch.Tensor | None = None  # MLP branch output (after LayerScale)
+    x_out: torch.Tensor | None = None
+
+
+def block_forward(bb: Backbone, w: BlockWeights, x: torch.Tensor, *, keep_attn: bool,
+                  keep_all: bool, fast: bool = False,
+                  compact: bool = False) -> tuple[torch.Tensor, BlockTrace]:
+    """timm ``Block.forward`` in eval mode. Fused attention unless the matrix is kept.
+    ``fast``: Linear layers in the matmul dtype (see ``Backbone.linear``); ``compact``: see
+    ``_record``."""
+    B, N, _ = x.shape
+    t = BlockTrace()
+    h1 = layer_norm(x, w.norm1)
+    qkv = bb.linear(h1, w.qkv, fast)
+    qkv_heads = qkv.view(B, N, 3, w.num_heads, w.head_dim).permute(2, 0, 3, 1, 4)
+    if keep_attn or keep_all:  # contiguous q, k, v: every attention matmul reads them
+        qkv_heads = qkv_heads.contiguous()
+    q, k, v = qkv_heads.unbind(0)
+    q, k = layer_norm(q, w.q_norm), layer_norm(k, w.k_norm)
+    if keep_attn or keep_all:
+        # scale the scores, not q (as the authors' code does): autograd then keeps no scaled q
+        attn = bb.mm(q, k.transpose(-2, -1)).mul_(w.scale).softmax(dim=-1)
+        heads = bb.mm(attn, v)
+        t.attn = attn
+    else:
+        heads = F.scaled_dot_product_attention(q, k, v)
+    o = layer_norm(heads.transpose(1, 2).reshape(B, N, -1), w.attn_norm)
+    proj = bb.linear(o, w.proj, fast)
+    a = proj if w.ls1 is None else proj * w.ls1
+    x_mid = x + a
+    h2 = layer_norm(x_mid, w.norm2)
+    f1 = bb.linear(h2, w.fc1, fast)
+    g = layer_norm(gelu(f1, w.gelu_approximate), w.mlp_norm)
+    f2 = bb.linear(g, w.fc2, fast)
+    m = f2 if w.ls2 is None else f2 * w.ls2
+    x_out = x_mid + m
+    if keep_all:
+        _record(bb, w, t, compact, x=x, h1=h1, qkv=qkv, q=q, k=k, v=v, heads=heads, o=o, proj=proj, a=a,
+                x_mid=x_mid, h2=h2, f1=f1, g=g, f2=f2, m=m, x_out=x_out)
+    return x_out, t
+
+
+def _record(bb: Backbone, w: BlockWeights, t: BlockTrace, compact: bool,
+            **r: torch.Tensor) -> None:
+    """Keep what the relevance rules read, and no more (memory: ViT-B/16 at batch 64 keeps
+    ~0.6 GiB per block).
+
+    - The inputs of the Linear layers (h1, o, h2, g) are read only by the Linear rules. With
+      ``compact`` (bf16 matmuls and only the paper's rules to run) they are kept cast to the
+      matmul dtype: the paper's low-precision Linear rule casts them first anyway, so the maps
+      are the same at half the size. The plain rules (partial/full LRP) multiply by them in
+      float32 and lose accuracy when they are rounded (partial_lrp 4.6% -> 9.8% off float64).
+    - The Linear outputs are the float32/float64 Linear rule's denominators. With
+      low-precision matmuls that rule rebuilds its denominators, so qkv and f1 are dropped
+      (autograd frees f1 after the gradient pass). Without q/k norm the qkv output is q, k, v,
+      which the rule reassembles (``qkv_output``).
+    - ``heads`` is a view of ``o`` when there is no attention-output norm (o is heads
+      rearranged).
+    """
+    low = bb.rounding
+    cast = (lambda a: a.to(bb.mm_dtype)) if compact else (lambda a: a)
+    t.x, t.q, t.k, t.v, t.a, t.x_mid, t.m, t.x_out = (
+        r["x"], r["q"], r["k"], r["v"], r["a"], r["x_mid"], r["m"], r["x_out"])
+    t.proj, t.f2 = r["proj"], r["f2"]  # the same tensors as a and m without LayerScale
+    t.h1, t.h2, t.g = cast(r["h1"]), cast(r["h2"]), cast(r["g"])
+    o, heads = r["o"], r["heads"]
+    if compact or w.attn_norm is not None:
+        t.o, t.heads = cast(o), heads
+    else:
+        B, H, N, d = heads.shape
+        t.o, t.heads = o, o.view(B, N, H, d).transpose(1, 2)
+    if not low:
+        t.f1 = r["f1"]
+        if w.q_norm is not None or w.k_norm is not None:
+            t.qkv = r["qkv"]
+
+
+def qkv_output(t: BlockTrace) -> torch.Tensor:
+    """The qkv Linear's output (B, N, 3 * H * d): recorded, or reassembled from q, k, v."""
+    if t.qkv is not None:
+        return t.qkv
+    B, H, N, d = t.q.shape
+    out = t.q.new_empty(B, N, 3, H, d)
+    parts = out.permute(2, 0, 3, 1, 4)
+    for i, part in enumerate((t.q, t.k, t.v)):
+        parts[i].copy_(part)
+    return out.view(B, N, 3 * H * d)
+
+
+@dataclass
+class Trace:
+    """A recorded forward pass: embedding, per-block traces, final features and logits."""
+
+    embedding: Embedding
+    blocks: list[BlockTrace]
+    features: torch.Tensor  # (B, N, D) final norm output
+    pooled: torch.Tensor  # (B, D) or (B, 2, D) for the distilled head: head input(s)
+    head_outputs: tuple[torch.Tensor, ...]  # per head logits (one, or class + distillation)
+    logits: torch.Tensor
+
+
+def forward(bb: Backbone, images: torch.Tensor, *, attn_from: int, lrp_from: int,
+            grad_from: int, fast: bool = False, compact: bool = False) -> Trace:
+    """Eval-mode forward pass recording attention from block ``attn_from`` and everything the
+    LRP rules need from block ``lrp_from``; autograd tracks blocks from ``grad_from`` on (the
+    input of that block becomes a graph leaf, so nothing below is differentiated).
+    ``fast``: Linear layers in the matmul dtype (only when no LRP rule reads the records);
+    ``compact``: Linear inputs recorded in the matmul dtype (see ``_record``)."""
+    L = len(bb.blocks)
+    with torch.no_grad():
+        emb = embed(bb, images)
+        x = layer_norm(emb.tokens, bb.norm_pre)
+    traces = []
+    run_block = getattr(bb.family, "block_forward", None) or block_forward
+    for i, w in enumerate(bb.blocks):
+        if i == grad_from:
+            x = x.detach().requires_grad_(True)
+        with torch.set_grad_enabled(i >= grad_from):
+            x, t = run_block(bb, w, x, keep_attn=i >= attn_from, keep_all=i >= lrp_from,
+                                 fast=fast, compact=compact)
+        traces.append(t)
+    with torch.set_grad_enabled(grad_from < L):
+        feats = layer_norm(x, bb.norm)
+        p = bb.num_prefix_tokens
+        if bb.pool == "token":
+            pooled = layer_norm(feats[:, 0], bb.fc_norm)
+            outs = (bb.linear(pooled, bb.head, fast),)
+            logits = outs[0]
+        elif bb.pool == "avg":
+            pooled = layer_norm((feats if bb.pool_include_prefix else feats[:, p:]).mean(dim=1), bb.fc_norm)
+            outs = (bb.linear(pooled, bb.head, fast),)
+            logits = outs[0]
+        else:  # distilled: mean of head(class token) and head_dist(distillation token)
+            pooled = feats[:, :2]  # timm's distilled head applies no fc_norm
+            outs = (bb.linear(pooled[:, 0], bb.head, fast), bb.linear(pooled[:, 1], bb.head_dist, fast))
+            logits = (outs[0] + outs[1]) / 2
+    return Trace(emb, traces, feats, pooled, outs, logits)
