@@ -35,6 +35,7 @@ NOT_EXPLAINED = {  # name -> what the error names
     "swin_tiny_patch4_window7_224": "SwinTransformer",
 }
 DETERMINISTIC = [m for m in METHODS if m != "random"]
+PIXEL = ("full_lrp", "attnlrp", "cp_lrp")  # methods whose maps are (B, H, W)
 
 
 def family_model(name: str, num_classes: int = 4, seed: int = 0, dtype=torch.float64):
@@ -221,7 +222,7 @@ def test_explained_family_every_method_in_float64(name):
     patch = model.patch_embed.patch_size[0]
     for m, r in out.maps.items():
         assert r.dtype == torch.float64, m
-        assert r.shape == ((3, size, size) if m in ("full_lrp", "attnlrp", "cp_lrp") else (3, size // patch, size // patch)), m
+        assert r.shape == ((3, size, size) if m in PIXEL else (3, size // patch, size // patch)), m
         assert torch.isfinite(r).all(), m
         assert m == "attn_gradcam" or r.abs().sum() > 0, m
     for i in range(3):  # batch = one image at a time
