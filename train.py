@@ -200,6 +200,20 @@ class InterruptCheckpoint(Callback):
             trainer.save_checkpoint(self.path)
 
 
+class EpochSeed(Callback):
+    """Re-seeds torch, numpy and random at the start of every training epoch from
+    (seed_everything, epoch), so a run resumed from an epoch-end checkpoint draws the same
+    augmentations, dropout and drop-path as the uninterrupted run (Lightning does not keep RNG
+    states in checkpoints; the data set re-seeds its augmentations from torch's seed)."""
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        from lightning.fabric.utilities.seed import seed_everything
+
+        base = int(os.environ.get("PL_GLOBAL_SEED", "0"))
+        seed_everything((base * 1_000_003 + 7919 * trainer.current_epoch + 1) % 2**32, workers=True, verbose=False)
+        os.environ["PL_GLOBAL_SEED"] = str(base)  # keep the run's seed for the next epoch
+
+
 def find_last_checkpoint(root: str | os.PathLike) -> Path | None:
     """The newest `<root>/checkpoints/*/last.ckpt` (what `--ckpt_path last` resumes)."""
     found = [p for pattern in ("checkpoints/*/last.ckpt", "checkpoints/last.ckpt") for p in Path(root).glob(pattern) if p.is_file()]
@@ -323,7 +337,7 @@ class VitlensCLI(LightningCLI):
             if resume_folder is not None or not folder.exists() or not any(folder.iterdir()):
                 # a new folder (only our config.yaml will be in it) or the resumed run's own one
                 warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
-        self.trainer.callbacks.append(RunIdentity())
+        self.trainer.callbacks += [RunIdentity(), EpochSeed()]
         if checkpoint is not None and checkpoint.save_last:
             # Lightning 2.6 writes last.ckpt only when it also writes a top-k checkpoint, so a
             # run whose final epochs are not its best kept a stale last.ckpt: a separate
