@@ -96,6 +96,27 @@ class VitlensCLI(LightningCLI):
         parser.link_arguments("data.image_size", "model.img_size", apply_on="instantiate")
         parser.link_arguments("data.class_names", "model.class_names", apply_on="instantiate")
 
+    def before_instantiate_classes(self) -> None:
+        """validate/test --ckpt_path: the checkpoint's own val split and eval transform (its saved
+        data settings, where the config leaves them at their defaults), its classes checked
+        against the data; an override that puts training images into the split is an error
+        (vitlens.data.from_checkpoint)."""
+        sub = self.config.get("subcommand")
+        ckpt = self.config[sub].get("ckpt_path") if sub in ("validate", "test") else None
+        if ckpt and Path(ckpt).is_file():
+            import inspect
+
+            from vitlens.data.errors import DataError
+            from vitlens.data.from_checkpoint import use_checkpoint_data
+
+            defaults = {k: p.default for k, p in inspect.signature(ImageDataModule).parameters.items()}
+            try:
+                notes = use_checkpoint_data(self.config[sub].data, ckpt, defaults)
+            except DataError as error:
+                sys.exit(f"train.py {sub}: error: {' '.join(str(error).split())}")
+            for note in notes:
+                print(f"note: {note}", file=sys.stderr)
+
     def before_fit(self) -> None:
         """Checkpoints of a W&B run go to checkpoints/<run id> (not ./<project>/<run id>)."""
         from lightning.pytorch.loggers import WandbLogger
