@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # no update check (and its warning) on every run
+
 DEFAULT_METHODS = ["transformer_attribution", "grad_rollout"]
 # the names of vitlens.relevance.PRECISIONS (not imported here: `--help` must not load torch)
 PRECISIONS = ("float32", "tf32", "bf16", "float64")

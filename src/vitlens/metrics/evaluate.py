@@ -153,6 +153,7 @@ class ProgressLine:
         self.done = 0
         self.start = time.perf_counter()
         self.last_print = -float("inf")
+        self.printed = -1  # `done` when a whole line was last printed
 
     def text(self) -> str:
         elapsed = max(time.perf_counter() - self.start, 1e-9)
@@ -174,7 +175,7 @@ class ProgressLine:
             self.stream.write("\r" + self.text() + "\033[K")
             self.stream.flush()
         elif now - self.last_print >= self.every:
-            self.last_print = now
+            self.last_print, self.printed = now, self.done
             print(self.text(), file=self.stream, flush=True)
 
     def close(self) -> None:
@@ -182,7 +183,7 @@ class ProgressLine:
             return
         if self.tty:
             self.stream.write("\r" + self.text() + "\033[K\n")
-        else:
+        elif self.printed != self.done:
             print(self.text(), file=self.stream)
         self.stream.flush()
 
