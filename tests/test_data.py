@@ -400,7 +400,7 @@ def test_empty_class_folder(tmp_path):
     _save(tmp_path / "crow" / "0.png", _solid(COLOURS["crow"]))
     (tmp_path / "wren").mkdir()
     (tmp_path / "wren" / "readme.txt").write_text("photos to come")
-    with pytest.raises(DataError, match=r"class folder .*wren holds no images"):
+    with pytest.raises(DataError, match=r"class folder .*wren holds no readable images"):
         _module(tmp_path).setup()
 
 
