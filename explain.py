@@ -316,18 +316,11 @@ def run_maps(args) -> None:
     print(f"wrote {len(paths)} overlays, {len(paths) * len(args.methods)} maps and contact_sheet.png to {out}")
 
 
-# ---------------------------------------------------------------------------- evaluate
-def run_evaluate(args) -> None:
-    import torch
-
+# ---------------------------------------------------------------------------- checkpoint data
+def checkpoint_data(args, class_names, mean, std, size):
+    """The checkpoint's own split with the --data.* overrides (evaluate and audit), notes printed."""
     from vitlens.data.from_checkpoint import evaluation_datamodule
-    from vitlens.metrics.evaluate import evaluate_explanations
-    from vitlens.relevance.display import plot_perturbation_curves
 
-    if not args.ckpt:
-        raise UserError("evaluate needs --ckpt RUN.ckpt")
-    device = _device(args.device)
-    model, class_names, mean, std, size = load_model(args, device)
     overrides = {key: getattr(args, f"data_{key}") for key in
                  ("path", "val_fraction", "seed", "eval_resize", "crop_pct", "mask_column")}
     data = evaluation_datamodule(args.ckpt, overrides, split=args.split, class_names=class_names, image_size=size,
@@ -335,6 +328,21 @@ def run_evaluate(args) -> None:
                                  num_workers=args.data_num_workers)
     for note in data.notes:
         print(f"note: {note}", file=sys.stderr)
+    return data
+
+
+# ---------------------------------------------------------------------------- evaluate
+def run_evaluate(args) -> None:
+    import torch
+
+    from vitlens.metrics.evaluate import evaluate_explanations
+    from vitlens.relevance.display import plot_perturbation_curves
+
+    if not args.ckpt:
+        raise UserError("evaluate needs --ckpt RUN.ckpt")
+    device = _device(args.device)
+    model, class_names, mean, std, size = load_model(args, device)
+    data = checkpoint_data(args, class_names, mean, std, size)
     dm = data.datamodule
     dm.setup("fit" if args.split != "test" else "test")
     dataset = {"train": dm.train_dataset, "val": dm.val_dataset, "test": dm.test_dataset}[args.split]
@@ -394,7 +402,6 @@ def log_to_wandb(report, fig, out: Path, args) -> None:
 def run_audit(args) -> None:
     """Thin: the data is the checkpoint's own split (as for evaluate); the analysis and the
     report are vitlens.metrics.shortcut_audit."""
-    from vitlens.data.from_checkpoint import evaluation_datamodule
     from vitlens.metrics.shortcut import ShortcutThresholds
     from vitlens.metrics.shortcut_audit import audit_checkpoint
 
@@ -403,13 +410,7 @@ def run_audit(args) -> None:
     thresholds = ShortcutThresholds.from_options(args.thresholds)  # bad keys fail before any work
     device = _device(args.device)
     model, class_names, mean, std, size = load_model(args, device)
-    overrides = {key: getattr(args, f"data_{key}") for key in
-                 ("path", "val_fraction", "seed", "eval_resize", "crop_pct", "mask_column")}
-    data = evaluation_datamodule(args.ckpt, overrides, split=args.split, class_names=class_names, image_size=size,
-                                 mean=mean, std=std, batch_size=1, eval_batch_size=args.batch_size,
-                                 num_workers=args.data_num_workers)
-    for note in data.notes:
-        print(f"note: {note}", file=sys.stderr)
+    data = checkpoint_data(args, class_names, mean, std, size)
     data_args = {**data.settings, "num_workers": args.data_num_workers}
     report = audit_checkpoint(model, class_names, mean, std, size, data_args=data_args, split=args.split,
                               methods=args.methods, out=args.out, batch_size=args.batch_size, limit=args.limit,

@@ -70,6 +70,17 @@ class PrecisionForward(torch.nn.Module):
             return self.model(images)
 
 
+def json_safe(v):
+    """``v`` with non-finite floats as None, through dicts, lists and tuples (strict JSON)."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {k: json_safe(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [json_safe(x) for x in v]
+    return v
+
+
 @dataclass
 class EvaluationReport:
     """Per-method scores (``methods[name][key]``), the curves, and what was evaluated."""
@@ -80,14 +91,7 @@ class EvaluationReport:
     meta: dict = field(default_factory=dict)
 
     def to_json(self) -> str:
-        def clean(v):
-            if isinstance(v, float) and not math.isfinite(v):
-                return None
-            if isinstance(v, dict):
-                return {k: clean(x) for k, x in v.items()}
-            if isinstance(v, (list, tuple)):
-                return [clean(x) for x in v]
-            return v
+        clean = json_safe
 
         out = {"meta": self.meta, "methods": self.methods,
                "curves": {m: {"predicted": self.curves[m].as_dict(), "target": self.curves_target[m].as_dict()}

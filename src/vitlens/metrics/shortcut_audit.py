@@ -10,7 +10,6 @@ also one W&B run (offline unless WANDB_MODE says otherwise). The signals and ver
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 from pathlib import Path
@@ -121,14 +120,7 @@ def _hotspot_sheet(model, dataset, indices, method, label, box, mean, std, preci
 
 
 def _json(report: AuditReport) -> dict:
-    def clean(v):
-        if isinstance(v, float) and not math.isfinite(v):
-            return None
-        if isinstance(v, dict):
-            return {k: clean(x) for k, x in v.items()}
-        if isinstance(v, (list, tuple)):
-            return [clean(x) for x in v]
-        return v
+    from vitlens.metrics.evaluate import json_safe as clean
 
     methods = {}
     for m in report.methods:

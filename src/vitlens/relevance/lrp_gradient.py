@@ -62,6 +62,13 @@ def _gamma_backward(g, x, y, a, gamma, back, back_abs):
     return Rx.div_(_sign0(x).mul_(INPUT_EPS).add_(x))
 
 
+def _save_gamma_context(ctx, inputs, output):
+    """What the gamma rule's backward reads (GammaLinear and GammaConv alike)."""
+    x, weight, bias, gamma = inputs
+    ctx.save_for_backward(x, weight, bias, output)
+    ctx.gamma = gamma
+
+
 class GammaLinear(torch.autograd.Function):
     """``F.linear`` whose backward is the gamma rule (zennit ``Gamma(gamma)``, LXT form)."""
 
@@ -69,11 +76,7 @@ class GammaLinear(torch.autograd.Function):
     def forward(x, weight, bias, gamma):
         return F.linear(x, weight, bias)
 
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        x, weight, bias, gamma = inputs
-        ctx.save_for_backward(x, weight, bias, output)
-        ctx.gamma = gamma
+    setup_context = staticmethod(_save_gamma_context)
 
     @staticmethod
     def backward(ctx, g):
@@ -96,11 +99,7 @@ class GammaConv(torch.autograd.Function):
     def forward(x, weight, bias, gamma):
         return F.conv2d(x, weight, bias, stride=weight.shape[-2:])
 
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        x, weight, bias, gamma = inputs
-        ctx.save_for_backward(x, weight, bias, output)
-        ctx.gamma = gamma
+    setup_context = staticmethod(_save_gamma_context)
 
     @staticmethod
     def backward(ctx, g):
