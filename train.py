@@ -36,7 +36,7 @@ DEFAULT_CONFIG = HERE / "configs" / "toybirds.yaml"
 TOYBIRDS_PATH = "data/toybirds"  # the default config's data.path: the only place it generates toy birds
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 EXIT_PREFLIGHT = 2  # bad data / config, found before the run started
-EXIT_INTERRUPTED = {"SIGTERM": 143}  # 128 + signal number, as shells and SLURM read it
+EXIT_INTERRUPTED = {"SIGTERM": 143, "SIGINT": 130}  # 128 + signal number, as shells and SLURM read it
 
 USAGE = """usage: train.py [-h] {fit,validate,test,predict} ...
 
@@ -63,8 +63,8 @@ examples:
   python train.py fit --ckpt_path last                  # resume the latest interrupted run
   python train.py fit --help                            # every option, described
 
-Exit codes: 0 done, 2 bad data/config (found before the run), 143 stopped by SIGTERM (last.ckpt
-written), 1 other errors and Ctrl-C (last.ckpt written too). VITLENS_DEBUG=1 shows tracebacks.
+Exit codes: 0 done, 2 bad data/config (found before the run), 143 stopped by SIGTERM, 130 by Ctrl-C (last.ckpt
+written), 1 other errors. VITLENS_DEBUG=1 shows tracebacks.
 """
 
 
@@ -121,6 +121,8 @@ def _quiet() -> None:
 
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
         lambda record: "litlogger" not in record.getMessage() and "Tip:" not in record.getMessage())
+    # "Seed set to N" on every start: the seed is in the saved config.yaml
+    logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)
 
 
 # `train.py --help` answers here, before Lightning and timm are imported (seconds each)
@@ -198,6 +200,10 @@ class InterruptCheckpoint(Callback):
 
         if isinstance(exception, (SIGTERMException, KeyboardInterrupt)):
             trainer.save_checkpoint(self.path)
+        if isinstance(exception, KeyboardInterrupt):
+            InterruptCheckpoint.interrupted_by = "SIGINT"  # Lightning then calls sys.exit(1)
+
+    interrupted_by: str | None = None
 
 
 class EpochSeed(Callback):
@@ -402,7 +408,7 @@ def main(argv: list[str] | None = None) -> VitlensCLI:
 
     A bad data set or setting ends the program with one line per finding naming it and exit
     code 2 (`VITLENS_DEBUG=1` re-raises with the traceback); SIGTERM mid-run exits 143 after
-    last.ckpt is written (Ctrl-C: last.ckpt too, exit 1 as Lightning does).
+    last.ckpt is written (Ctrl-C: last.ckpt too, exit 130).
     """
     from jsonargparse import ArgumentError
     from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -421,6 +427,12 @@ def main(argv: list[str] | None = None) -> VitlensCLI:
         print("train.py: stopped by SIGTERM; last.ckpt holds where the run was (resume: the same command plus "
               "--ckpt_path last)", file=sys.stderr)
         raise SystemExit(EXIT_INTERRUPTED["SIGTERM"]) from None
+    except SystemExit:  # after SIGTERMException, a SystemExit itself
+        if InterruptCheckpoint.interrupted_by != "SIGINT":
+            raise
+        print("train.py: stopped by Ctrl-C (SIGINT); last.ckpt holds where the run was (resume: the same command "
+              "plus --ckpt_path last)", file=sys.stderr)
+        raise SystemExit(EXIT_INTERRUPTED["SIGINT"]) from None
     except _known_errors() as error:
         if debug:
             raise

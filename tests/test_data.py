@@ -459,7 +459,7 @@ def test_bad_options(tmp_path):
         _module(tmp_path, generate="unicorns")
     with pytest.raises(ValueError, match="unknown key.*species_count"):
         _module(tmp_path / "tb", generate="toybirds", generate_options={"species_count": 3})
-    with pytest.raises(DataError, match="fewer than batch_size=8"):
+    with pytest.raises(DataError, match=r"fewer than batch_size=8 .*pass --data.batch_size 1 or smaller"):
         _module(tmp_path, batch_size=8).setup()
 
 

@@ -22,7 +22,7 @@ TINY = ["--model.backbone_kwargs.embed_dim", "32", "--model.backbone_kwargs.dept
         "--model.backbone_kwargs.num_heads", "2", "--data.image_size", "32", "--data.batch_size", "4",
         "--data.num_workers", "0", "--data.persistent_workers", "false", "--trainer.max_epochs", "1",
         "--trainer.limit_train_batches", "2", "--trainer.accelerator", "cpu"]
-NOISE = ("skip_none", "exists and is not empty", "Traceback", "DeprecationWarning", "Tip:", "LeafSpec")
+NOISE = ("Seed set to", "skip_none", "exists and is not empty", "Traceback", "DeprecationWarning", "Tip:", "LeafSpec")
 
 
 def _env() -> dict:
@@ -135,7 +135,9 @@ def test_image_size_not_a_multiple_of_the_patch_stops_before_epoch_1(tmp_path):
 
 # observed 7: SIGTERM exited 0 and lost the epoch; resume started a new W&B run and folder
 @pytest.mark.slow
-def test_sigterm_writes_a_checkpoint_exits_143_and_resumes_the_same_run(tmp_path):
+@pytest.mark.parametrize("signame, code, said", [("SIGTERM", 143, "stopped by SIGTERM"),
+                                                 pytest.param("SIGINT", 130, "stopped by Ctrl-C", marks=pytest.mark.slow)])
+def test_interrupt_writes_a_checkpoint_exits_non_zero_and_resumes_the_same_run(tmp_path, signame, code, said):
     photo_folder(tmp_path / "my_birds", per_class=20)
     args = ["fit", "--data.path", "my_birds", *TINY, "--trainer.max_epochs", "1000",
             "--trainer.limit_train_batches", "8", "--trainer.default_root_dir", "RUN"]
@@ -147,13 +149,13 @@ def test_sigterm_writes_a_checkpoint_exits_143_and_resumes_the_same_run(tmp_path
             assert child.poll() is None, child.communicate()[1][-3000:]
             assert time.monotonic() < deadline, "no checkpoint written"
             time.sleep(0.2)
-        child.send_signal(signal.SIGTERM)
+        child.send_signal(getattr(signal, signame))
         _, stderr = child.communicate(timeout=300)
     finally:
         if child.poll() is None:
             child.kill()
-    assert child.returncode == 143, stderr[-3000:]
-    assert "stopped by SIGTERM" in stderr
+    assert child.returncode == code, stderr[-3000:]
+    assert said in stderr and "Traceback" not in stderr
     (last,) = (tmp_path / "RUN").glob("checkpoints/*/last.ckpt")
     state = torch.load(last, map_location="cpu", weights_only=False)
     run_id = last.parent.name

@@ -177,7 +177,7 @@ class ImageDataModule(L.LightningDataModule):
             train, val = self._drop_corrupt(train, "train"), self._drop_corrupt(val, "val")
             test = self._drop_corrupt(test, "test") if test else test
         if len(train) < self.batch_size:
-            raise DataError(f"{self.path}: the train split has {len(train)} images, fewer than batch_size={self.batch_size} (train drops incomplete batches)")
+            raise DataError(f"{self.path}: the train split has {len(train)} images, fewer than batch_size={self.batch_size} (train drops incomplete batches); pass --data.batch_size {max(1, min(len(train), self.batch_size // 2))} or smaller")
 
         hp = self.hparams
         common = dict(has_masks=self.has_masks, has_boxes=self.has_boxes)
