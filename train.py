@@ -192,6 +192,8 @@ class InterruptCheckpoint(Callback):
     OnExceptionCheckpoint deletes its file at teardown, and would also overwrite last.ckpt
     with the state of a crashed run.)"""
 
+    interrupted_by: str | None = None  # "SIGINT" once Ctrl-C stopped a fit (read by main)
+
     def __init__(self, dirpath: str) -> None:
         self.path = str(Path(dirpath) / "last.ckpt")
 
@@ -202,8 +204,6 @@ class InterruptCheckpoint(Callback):
             trainer.save_checkpoint(self.path)
         if isinstance(exception, KeyboardInterrupt):
             InterruptCheckpoint.interrupted_by = "SIGINT"  # Lightning then calls sys.exit(1)
-
-    interrupted_by: str | None = None
 
 
 class EpochSeed(Callback):
@@ -423,16 +423,14 @@ def main(argv: list[str] | None = None) -> VitlensCLI:
             print(f"train.py: error: {line}", file=sys.stderr)
         print("train.py: see `python train.py fit --help` for every option", file=sys.stderr)
         raise SystemExit(EXIT_PREFLIGHT) from None
-    except SIGTERMException:
-        print("train.py: stopped by SIGTERM; last.ckpt holds where the run was (resume: the same command plus "
-              "--ckpt_path last)", file=sys.stderr)
-        raise SystemExit(EXIT_INTERRUPTED["SIGTERM"]) from None
-    except SystemExit:  # after SIGTERMException, a SystemExit itself
-        if InterruptCheckpoint.interrupted_by != "SIGINT":
+    except SystemExit as stop:  # SIGTERMException is a SystemExit too; Ctrl-C ends in Lightning's sys.exit(1)
+        signame = "SIGTERM" if isinstance(stop, SIGTERMException) else InterruptCheckpoint.interrupted_by
+        if signame is None:
             raise
-        print("train.py: stopped by Ctrl-C (SIGINT); last.ckpt holds where the run was (resume: the same command "
-              "plus --ckpt_path last)", file=sys.stderr)
-        raise SystemExit(EXIT_INTERRUPTED["SIGINT"]) from None
+        said = {"SIGTERM": "SIGTERM", "SIGINT": "Ctrl-C (SIGINT)"}[signame]
+        print(f"train.py: stopped by {said}; last.ckpt holds where the run was (resume: the same command plus "
+              "--ckpt_path last)", file=sys.stderr)
+        raise SystemExit(EXIT_INTERRUPTED[signame]) from None
     except _known_errors() as error:
         if debug:
             raise
