@@ -209,8 +209,19 @@ class InterruptCheckpoint(Callback):
 class EpochSeed(Callback):
     """Re-seeds torch, numpy and random at the start of every training epoch from
     (seed_everything, epoch), so a run resumed from an epoch-end checkpoint draws the same
-    augmentations, dropout and drop-path as the uninterrupted run (Lightning does not keep RNG
-    states in checkpoints; the data set re-seeds its augmentations from torch's seed)."""
+    dropout and drop-path as the uninterrupted run (Lightning does not keep RNG states in
+    checkpoints). The batches and their augmentations come from (data seed, epoch) by
+    `vitlens.data.dataset.EpochShuffle`, mixup's draws from (seed, epoch) by the model."""
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        # On a resume Lightning iterates the training loader the first time when
+        # configure_optimizers asks for estimated_stepping_batches, before the checkpoint's epoch
+        # is restored, and uses that iterator for the resumed epoch: with workers it has already
+        # drawn epoch 0's order. A fresh iterator draws the resumed epoch's (as Lightning does
+        # itself at the start of every later epoch).
+        fetcher = getattr(trainer.fit_loop, "_data_fetcher", None)
+        if trainer.ckpt_path is not None and fetcher is not None:
+            iter(fetcher)
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         from lightning.fabric.utilities.seed import seed_everything

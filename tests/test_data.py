@@ -477,3 +477,31 @@ def test_loader_workers_draw_different_augmentations_reproducibly(tmp_path):
     first = images()
     assert not torch.equal(first[0], first[1])  # worker 0 and worker 1 draw different crops
     assert torch.equal(first, images())
+
+
+def test_training_batches_are_a_function_of_seed_and_epoch(tmp_path):
+    """The training loader's order and augmentations depend on (seed, epoch) alone (EpochShuffle):
+    not on the number of workers, on their persistence, or on the epochs drawn before (a resumed
+    run repeats the uninterrupted one); other epochs and seeds draw others."""
+    rng = np.random.default_rng(4)
+    for c in range(2):
+        for i in range(6):
+            _save(tmp_path / f"c{c}" / f"{i}.png", _box_image(rng)[0])
+    epoch = [0]
+
+    def batches(workers: int, epochs, seed: int = 0) -> list[torch.Tensor]:
+        dm = ImageDataModule(str(tmp_path), image_size=16, batch_size=4, num_workers=workers, seed=seed,
+                             persistent_workers=workers > 0, crop_scale=(0.2, 1.0), val_fraction=0.25)
+        dm.setup("fit")
+        dm._current_epoch = lambda: epoch[0]  # the trainer's current_epoch
+        loader, out = dm.train_dataloader(), []
+        for epoch[0] in epochs:
+            out.append(torch.cat([torch.cat([b["index"].double(), b["image"].flatten().double()]) for b in loader]))
+        return out
+
+    zero, one = batches(0, [0, 1])
+    assert not torch.equal(zero, one)
+    (resumed,) = batches(0, [1])
+    assert torch.equal(resumed, one)
+    assert [torch.equal(a, b) for a, b in zip(batches(2, [0, 1]), (zero, one))] == [True, True]
+    assert not torch.equal(batches(0, [0], seed=1)[0], zero)

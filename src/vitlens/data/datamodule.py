@@ -12,7 +12,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from vitlens.data.dataset import ImageDataset
+from vitlens.data.dataset import EpochShuffle, ImageDataset
 from vitlens.data.errors import CorruptImageError, DataError, one_line
 from vitlens.data.images import read_image
 from vitlens.data.normalization import backbone_normalization
@@ -222,11 +222,13 @@ class ImageDataModule(L.LightningDataModule):
                 raise RuntimeError("ImageDataModule: call setup() before asking for dataloaders")
             raise DataError(f"{self.path} has no {split} split")
         workers = self.num_workers
-        # a fresh order each epoch even when Lightning rebuilds the loaders every epoch
         trainer = getattr(self, "trainer", None)
-        epoch = trainer.current_epoch if trainer is not None else 0
         sampler = None
-        if not train and trainer is not None and trainer.world_size > 1:
+        if train:
+            # each epoch's order and augmentations from (seed, epoch) alone: a resumed run repeats
+            # the uninterrupted one (EpochShuffle)
+            sampler = EpochShuffle(len(dataset), self.seed, self._current_epoch)
+        elif trainer is not None and trainer.world_size > 1:
             # Lightning's DistributedSampler pads evaluation splits to a multiple of the world
             # size, so a few images would count twice in val/test metrics; this one does not
             # pad (ranks may run one batch fewer: the eval step has no collectives).
@@ -236,14 +238,18 @@ class ImageDataModule(L.LightningDataModule):
         return DataLoader(
             dataset,
             batch_size=self.batch_size if train else self.eval_batch_size,
-            shuffle=train,
             sampler=sampler,
             drop_last=train,
             num_workers=workers,
             pin_memory=self.hparams.pin_memory,
             persistent_workers=self.hparams.persistent_workers and workers > 0,
-            generator=torch.Generator().manual_seed(self.seed + 7919 * epoch) if train else None,
+            # worker seeds from here, not from the global RNG (which would shift dropout's draws)
+            generator=torch.Generator().manual_seed(self.seed) if train else None,
         )
+
+    def _current_epoch(self) -> int:
+        trainer = getattr(self, "trainer", None)
+        return int(trainer.current_epoch) if trainer is not None else 0
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_dataset, "train", train=True)

@@ -2,17 +2,18 @@
 from __future__ import annotations
 
 import os
-from typing import Callable, Sequence
+import random
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 
 from vitlens.data.errors import DataError
 from vitlens.data.images import read_image, read_mask
 from vitlens.data.sources import Sample
 
-__all__ = ["ImageDataset"]
+__all__ = ["EpochShuffle", "ImageDataset"]
 
 
 class ImageDataset(Dataset):
@@ -22,11 +23,14 @@ class ImageDataset(Dataset):
     when the data set has them, `mask` (H, W) float32 in {0, 1} with `has_mask`, and `box`
     (4,) float32 `[x_min, y_min, x_max, y_max]` in transformed pixels with `has_box`.
 
-    `transform` is an albumentations Compose (see `vitlens.data.transforms`); its random
-    state is re-seeded from `torch.initial_seed()` (and the DDP rank) the first time each
-    DataLoader worker uses it, so workers never repeat each other's augmentations and a
-    seeded run repeats itself. Without a transform, images come back as floats in [0, 1]
-    at their own size.
+    `transform` is an albumentations Compose (see `vitlens.data.transforms`). Indexed with
+    `(index, seed)` (what `EpochShuffle` yields, the training loader) the transform draws from
+    generators seeded with `seed`, so a sample's augmentation is a function of (data seed,
+    epoch, index) alone: the same whatever the number of workers, whether they persist, and
+    after a resume. Indexed with a plain int, its random state is re-seeded from
+    `torch.initial_seed()` (and the DDP rank) the first time each DataLoader worker uses it, so
+    workers never repeat each other's augmentations and a seeded run repeats itself. Without a
+    transform, images come back as floats in [0, 1] at their own size.
     """
 
     def __init__(
@@ -86,11 +90,18 @@ class ImageDataset(Dataset):
             box = np.array([[x0, y0, x1, y1]], dtype=np.float32)
         return image, mask, box
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+    def __getitem__(self, index: int | tuple[int, int]) -> dict[str, torch.Tensor]:
+        seed = None
+        if isinstance(index, (tuple, list)):
+            index, seed = int(index[0]), int(index[1])
         image, mask, box = self.load(index)
         has_box = box is not None
         if self.transform is not None:
-            self._reseed()
+            if seed is None:
+                self._reseed()
+            elif hasattr(self.transform, "set_random_state"):
+                self.transform.set_random_state(np.random.default_rng(seed), random.Random(seed))
+                self._seeded_with = None  # a later plain-int use re-seeds from torch's seed
             data = {"image": image}
             if mask is not None:
                 data["mask"] = mask
@@ -123,3 +134,27 @@ class ImageDataset(Dataset):
 
     def __repr__(self) -> str:
         return f"ImageDataset({len(self)} samples, {len(self.class_names)} classes, masks={self.has_masks}, boxes={self.has_boxes})"
+
+
+class EpochShuffle(Sampler):
+    """The training order: a permutation of `range(n)` drawn from (`seed`, epoch) alone, each
+    index paired with the seed of its augmentation (`ImageDataset` reads `(index, seed)`).
+
+    `epoch` is called when an epoch's iteration starts (the data module passes the trainer's
+    `current_epoch`), so an epoch's batches and augmentations do not depend on what ran before
+    it: a run resumed from an epoch-end checkpoint sees the uninterrupted run's batches, also
+    with several or persistent workers. Under DDP Lightning wraps it in a
+    `DistributedSamplerWrapper`, which hands each rank its share of this order.
+    """
+
+    def __init__(self, n: int, seed: int, epoch: Callable[[], int] = lambda: 0):
+        self.n, self.seed, self.epoch = int(n), int(seed), epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        generator = torch.Generator().manual_seed((self.seed * 1_000_003 + 7919 * int(self.epoch()) + 17) % 2**63)
+        order = torch.randperm(self.n, generator=generator).tolist()
+        seeds = torch.randint(0, 2**62, (self.n,), generator=generator).tolist()
+        return iter(zip(order, seeds))

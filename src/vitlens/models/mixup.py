@@ -23,7 +23,13 @@ class Mixup:
         self.num_classes = num_classes
         self.mixup_alpha, self.cutmix_alpha = mixup_alpha, cutmix_alpha
         self.prob, self.switch_prob, self.label_smoothing = prob, switch_prob, label_smoothing
+        self.seed = seed
         self.rng = np.random.default_rng(seed)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw this epoch's mixes from (seed, epoch) alone, so a run resumed from an epoch-end
+        checkpoint mixes as the uninterrupted run did (the classifier calls it every epoch)."""
+        self.rng = np.random.default_rng([int(self.seed or 0), int(epoch)])
 
     @property
     def enabled(self) -> bool:
