@@ -302,6 +302,18 @@ class VitlensCLI(LightningCLI):
             for logger in wandb:
                 logger["init_args"]["id"] = run_id  # WandbLogger resumes it (resume="allow")
 
+    def instantiate_trainer(self, **kwargs):
+        trainer = super().instantiate_trainer(**kwargs)
+        from lightning.pytorch.loggers import WandbLogger
+
+        for logger in trainer.loggers:
+            init = getattr(logger, "_wandb_init", None) if isinstance(logger, WandbLogger) else None
+            if isinstance(init, dict) and init.get("anonymous") is None:
+                # Lightning passes anonymous=None to wandb.init, and wandb >= 0.19 warns "The
+                # anonymous setting has no effect" for any value on every run: pass none
+                init.pop("anonymous", None)
+        return trainer
+
     def _checkpoint_data(self, config) -> None:
         """validate/test --ckpt_path: the split and eval transform the model was trained with
         (the checkpoint's data settings), not the config's defaults; an override that puts

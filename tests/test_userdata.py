@@ -22,7 +22,8 @@ TINY = ["--model.backbone_kwargs.embed_dim", "32", "--model.backbone_kwargs.dept
         "--model.backbone_kwargs.num_heads", "2", "--data.image_size", "32", "--data.batch_size", "4",
         "--data.num_workers", "0", "--data.persistent_workers", "false", "--trainer.max_epochs", "1",
         "--trainer.limit_train_batches", "2", "--trainer.accelerator", "cpu"]
-NOISE = ("Seed set to", "skip_none", "exists and is not empty", "Traceback", "DeprecationWarning", "Tip:", "LeafSpec")
+NOISE = ("Seed set to", "skip_none", "exists and is not empty", "Traceback", "DeprecationWarning", "Tip:", "LeafSpec",
+         "anonymous setting")
 
 
 def _env() -> dict:
