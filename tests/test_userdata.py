@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from userdata import csv_manifest, mini_cub, photo_folder
+from userdata import CLASSES, csv_manifest, mini_cub, photo, photo_folder
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "train.py"
@@ -93,6 +93,31 @@ def test_default_config_trains_on_a_csv_manifest_and_a_cub_tree(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(_run_ids(tmp_path / "wandb")) == 2
     assert not (tmp_path / "data").exists()
+
+
+# observed (issue 9): a folder with fewer than 8 val images failed the default callback settings
+# (num_samples=8, perturbation_samples=8) with an error asking to edit a callback init_arg
+@pytest.mark.slow
+def test_default_job_on_a_folder_with_six_val_images_explains_all_six(tmp_path):
+    for c, name in enumerate(CLASSES):
+        for i in range(32):
+            photo(tmp_path / "tiny" / "train" / name / f"{i:03d}.jpg", c, seed=100 * c + i)
+        for i in range(3):
+            photo(tmp_path / "tiny" / "val" / name / f"{i:03d}.jpg", c, seed=500 + 100 * c + i)
+    proc = _train("fit", "--data.path", "tiny", "--trainer.max_epochs", "1", cwd=tmp_path)  # as a user types it
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    notes = [ln for ln in proc.stderr.splitlines() if "ExplanationCallback" in ln]
+    assert notes == ["note: the val split has 6 images, fewer than ExplanationCallback's num_samples=8 and "
+                     "perturbation_samples=8: all 6 are explained every epoch (more val images give steadier "
+                     "explanation metrics)"]
+    for noise in NOISE + ("Warning", "warn"):
+        assert noise not in proc.stderr, noise
+    (last,) = tmp_path.glob("checkpoints/*/last.ckpt")
+    state = torch.load(last, map_location="cpu", weights_only=False)
+    (explained,) = [v for k, v in state["callbacks"].items() if k.startswith("ExplanationCallback")]
+    assert sorted(explained["sample_indices"]) == list(range(6))
+    assert explained["previous_epoch"] == 0
+    assert [len(maps) for maps in explained["previous_maps"].values()] == [6, 6]  # every val image, both methods
 
 
 # observed 8: bad data found hours in; a failed start left an empty W&B run and checkpoint folder

@@ -6,9 +6,10 @@ the data (`datamodule.setup`), opens every listed image and mask cheaply (header
 threads, with a progress line on large sets; full decoding stays with `data.skip_corrupt`),
 validates boxes and masks against the image sizes, reports image-like files the readers cannot
 read, and checks the model against the data (classes, image size vs patch size) and the
-explanation callback against the model (its methods run once on one blank image) and the
-splits (probe and perturbation sizes). Every finding is one line naming the file, row or key
-and the fix; `PreflightError` carries them all.
+explanation callback against the model (its methods run once on one blank image). Every
+finding is one line naming the file, row or key and the fix; `PreflightError` carries them all.
+A val split smaller than the callback's probe or perturbation set is no error: the callback
+explains the whole split, and one `note:` line says so.
 """
 from __future__ import annotations
 
@@ -139,7 +140,9 @@ def _model_findings(datamodule, model) -> list[str]:
     return findings
 
 
-def _callback_findings(datamodule, model, callbacks) -> list[str]:
+def _callback_findings(datamodule, model, callbacks, notes: list[str] | None = None) -> list[str]:
+    """Findings (errors) of the explanation callback against the model; into `notes`, a val split
+    smaller than its probe or perturbation set (the callback then explains the whole split)."""
     try:
         from vitlens.callbacks import ExplanationCallback
     except ImportError:  # pragma: no cover
@@ -150,11 +153,11 @@ def _callback_findings(datamodule, model, callbacks) -> list[str]:
             continue
         val = datamodule.val_dataset if datamodule is not None else None
         n_val = len(val) if val is not None else 0
-        for key in ("num_samples", "perturbation_samples"):
-            wanted = getattr(callback, key, 0)
-            if val is not None and wanted > n_val:
-                findings.append(f"ExplanationCallback {key}={wanted} but the val split has {n_val} images; set "
-                                f"init_args.{key} to at most {n_val} in the config's ExplanationCallback, or add val images")
+        over = [f"{key}={getattr(callback, key, 0)}" for key in ("num_samples", "perturbation_samples")
+                if val is not None and 0 < n_val < getattr(callback, key, 0)]
+        if over and notes is not None:
+            notes.append(f"the val split has {n_val} images, fewer than ExplanationCallback's {' and '.join(over)}: "
+                         f"all {n_val} are explained every epoch (more val images give steadier explanation metrics)")
         if model is not None and datamodule is not None:
             findings += _dry_run(callback, model, datamodule.image_size)
     return findings
@@ -189,7 +192,11 @@ def preflight(datamodule=None, model=None, callbacks=(), *, stage: str = "fit") 
         datamodule.setup(stage)  # DataError here is already one line naming the culprit
         findings += _data_findings(datamodule)
     findings += _model_findings(datamodule, model)
+    notes: list[str] = []
     if stage == "fit":
-        findings += _callback_findings(datamodule, model, callbacks)
+        findings += _callback_findings(datamodule, model, callbacks, notes)
     if findings:
         raise PreflightError(findings)
+    if int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0:
+        for note in notes:
+            print(f"note: {note}", file=sys.stderr, flush=True)
