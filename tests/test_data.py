@@ -459,8 +459,21 @@ def test_bad_options(tmp_path):
         _module(tmp_path, generate="unicorns")
     with pytest.raises(ValueError, match="unknown key.*species_count"):
         _module(tmp_path / "tb", generate="toybirds", generate_options={"species_count": 3})
-    with pytest.raises(DataError, match=r"fewer than batch_size=8 .*pass --data.batch_size 1 or smaller"):
-        _module(tmp_path, batch_size=8).setup()
+
+
+
+def test_train_split_smaller_than_a_batch_trains_in_one_batch_with_a_note(tmp_path, capsys):
+    for name in COLOURS:
+        for i in range(3):
+            _save(tmp_path / name / f"{i}.png", _solid(COLOURS[name]))
+    dm = _module(tmp_path, batch_size=8, val_fraction=1 / 3)
+    dm.setup()
+    dm.setup()  # Lightning sets up again after the preflight: the note is said once
+    assert len(dm.train_dataset) == 6
+    assert [len(b["label"]) for b in dm.train_dataloader()] == [6]  # not zero steps (drop_last)
+    assert capsys.readouterr().err.splitlines() == [
+        f"note: the train split of {tmp_path} has 6 images, fewer than data.batch_size=8: training uses batches "
+        "of 6 (one step per epoch; --data.batch_size sets the size)"]
 
 
 def test_loader_workers_draw_different_augmentations_reproducibly(tmp_path):

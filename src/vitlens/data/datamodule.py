@@ -3,6 +3,7 @@ and the generated toy birds."""
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -38,7 +39,8 @@ class ImageDataModule(L.LightningDataModule):
             - a CUB-200-2011 root (or its parent) with `images.txt` etc.; `segmentations/`
               inside it or beside it gives masks. The official test split is `test`.
         image_size: side of the square images the model sees.
-        batch_size: per-process batch size (train drops the last incomplete batch).
+        batch_size: per-process batch size (train drops the last incomplete batch; a train
+            split smaller than one batch is trained in batches of its size, with a note).
         eval_batch_size: val/test batch size (default: batch_size).
         num_workers: DataLoader worker processes.
         val_fraction: when the source has no val split, this stratified, seeded fraction
@@ -104,6 +106,7 @@ class ImageDataModule(L.LightningDataModule):
         self.path = str(path)
         self.image_size = int(image_size)
         self.batch_size = int(batch_size)
+        self._noted: tuple[int, int] | None = None  # the small-train-split note, said once
         self.eval_batch_size = int(eval_batch_size or batch_size)
         self.num_workers = int(num_workers)
         self.val_fraction = float(val_fraction)
@@ -176,8 +179,14 @@ class ImageDataModule(L.LightningDataModule):
         if self.hparams.skip_corrupt:
             train, val = self._drop_corrupt(train, "train"), self._drop_corrupt(val, "val")
             test = self._drop_corrupt(test, "test") if test else test
-        if len(train) < self.batch_size:
-            raise DataError(f"{self.path}: the train split has {len(train)} images, fewer than batch_size={self.batch_size} (train drops incomplete batches); pass --data.batch_size {max(1, min(len(train), self.batch_size // 2))} or smaller")
+        if len(train) < self.batch_size and self._noted != (len(train), self.batch_size):
+            # a first try on a small folder trains (train drops incomplete batches: with batches
+            # larger than the split it would run no step at all)
+            self._noted = (len(train), self.batch_size)
+            if int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0:
+                print(f"note: the train split of {self.path} has {len(train)} images, fewer than data.batch_size="
+                      f"{self.batch_size}: training uses batches of {len(train)} (one step per epoch; "
+                      "--data.batch_size sets the size)", file=sys.stderr, flush=True)
 
         hp = self.hparams
         common = dict(has_masks=self.has_masks, has_boxes=self.has_boxes)
@@ -237,7 +246,9 @@ class ImageDataModule(L.LightningDataModule):
             sampler = UnrepeatedDistributedSampler(dataset, shuffle=False)
         return DataLoader(
             dataset,
-            batch_size=self.batch_size if train else self.eval_batch_size,
+            # a train split smaller than a batch: one batch of all of it (the rank's share under DDP)
+            batch_size=max(1, min(self.batch_size, len(dataset) // (trainer.world_size if trainer is not None else 1)))
+            if train else self.eval_batch_size,
             sampler=sampler,
             drop_last=train,
             num_workers=workers,
