@@ -93,9 +93,29 @@ def with_default_config(argv: list[str]) -> list[str]:
         return argv
     extra = []
     path = _option_value(argv[1:], "--data.path")
+    ckpt = _option_value(argv[1:], "--ckpt_path")
+    if path is None and argv[0] != "fit" and ckpt and Path(ckpt).is_file():
+        # `validate --ckpt_path run/last.ckpt` of a run on your photos: evaluate on them, not on toy birds
+        trained_on = _checkpoint_data_path(ckpt)
+        if trained_on is not None and os.path.normpath(trained_on) != os.path.normpath(TOYBIRDS_PATH):
+            print(f"note: --data.path {trained_on} (the data {Path(ckpt).name} was trained on)", file=sys.stderr)
+            extra = ["--data.path", trained_on]
+            path = trained_on
     if path is not None and os.path.normpath(path) != os.path.normpath(TOYBIRDS_PATH):
-        extra = ["--data.generate", "null", "--data.generate_options", "null"]
+        extra += ["--data.generate", "null", "--data.generate_options", "null"]
     return [argv[0], "--config", str(DEFAULT_CONFIG), *extra, *argv[1:]]
+
+
+def _checkpoint_data_path(ckpt: str) -> str | None:
+    """The data path stored in a checkpoint of this project (None when it holds none or is unreadable:
+    the run then reports the checkpoint itself)."""
+    try:
+        from vitlens.data.from_checkpoint import checkpoint_data_settings
+
+        path = (checkpoint_data_settings(ckpt) or {}).get("path")
+    except Exception:  # noqa: BLE001 - not ours to report here
+        return None
+    return str(path) if path else None
 
 
 def _quiet() -> None:
@@ -119,10 +139,22 @@ def _quiet() -> None:
     os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")  # worker processes
     import logging
 
+    # Lightning's lines that say nothing about this run ("TPU available: False", how it counts steps)
+    said_nothing = ("litlogger", "Tip:", "TPU available: False", "HPU available: False",
+                    "to estimate number of stepping batches")
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
-        lambda record: "litlogger" not in record.getMessage() and "Tip:" not in record.getMessage())
+        lambda record: not any(text in record.getMessage() for text in said_nothing))
     # "Seed set to N" on every start: the seed is in the saved config.yaml
     logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)
+
+
+def _quiet_evaluation() -> None:
+    """validate/test --ckpt_path: no warnings about the checkpoint's fit-only callbacks (the last.ckpt
+    writer) and their checkpoint folder, which evaluation neither uses nor writes."""
+    if os.environ.get("VITLENS_DEBUG"):
+        return
+    warnings.filterwarnings("ignore", message=r".*callbacks used to create the checkpoint need to be provided.*")
+    warnings.filterwarnings("ignore", message=r".*The dirpath has changed from .*")
 
 
 # `train.py --help` answers here, before Lightning and timm are imported (seconds each)
@@ -337,9 +369,11 @@ class VitlensCLI(LightningCLI):
         preflight(self.datamodule, self.model, self.trainer.callbacks, stage=self.subcommand)
 
     def before_validate(self) -> None:
+        _quiet_evaluation()
         self._preflight()
 
     def before_test(self) -> None:
+        _quiet_evaluation()
         self._preflight()
 
     def before_fit(self) -> None:

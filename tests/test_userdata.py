@@ -23,7 +23,7 @@ TINY = ["--model.backbone_kwargs.embed_dim", "32", "--model.backbone_kwargs.dept
         "--data.num_workers", "0", "--data.persistent_workers", "false", "--trainer.max_epochs", "1",
         "--trainer.limit_train_batches", "2", "--trainer.accelerator", "cpu"]
 NOISE = ("Seed set to", "skip_none", "exists and is not empty", "Traceback", "DeprecationWarning", "Tip:", "LeafSpec",
-         "anonymous setting")
+         "anonymous setting", "TPU available", "to estimate number of stepping batches")
 
 
 def _env() -> dict:
@@ -118,6 +118,13 @@ def test_default_job_on_a_folder_with_six_val_images_explains_all_six(tmp_path):
     assert sorted(explained["sample_indices"]) == list(range(6))
     assert explained["previous_epoch"] == 0
     assert [len(maps) for maps in explained["previous_maps"].values()] == [6, 6]  # every val image, both methods
+    # and validating that checkpoint as a user would (no -c, no --data.path): on their photos, not toy birds
+    proc = _train("validate", "--ckpt_path", str(last.relative_to(tmp_path)), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "note: --data.path tiny (the data last.ckpt was trained on)" in proc.stderr.splitlines()
+    for noise in NOISE + ("Warning", "warn", "Be aware", "dirpath has changed", "train split"):
+        assert noise not in proc.stderr, noise
+    assert "val/acc_class/robin" in proc.stdout and not (tmp_path / "data").exists()
 
 
 # observed 8: bad data found hours in; a failed start left an empty W&B run and checkpoint folder

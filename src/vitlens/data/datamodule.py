@@ -106,7 +106,6 @@ class ImageDataModule(L.LightningDataModule):
         self.path = str(path)
         self.image_size = int(image_size)
         self.batch_size = int(batch_size)
-        self._noted: tuple[int, int] | None = None  # the small-train-split note, said once
         self.eval_batch_size = int(eval_batch_size or batch_size)
         self.num_workers = int(num_workers)
         self.val_fraction = float(val_fraction)
@@ -179,10 +178,9 @@ class ImageDataModule(L.LightningDataModule):
         if self.hparams.skip_corrupt:
             train, val = self._drop_corrupt(train, "train"), self._drop_corrupt(val, "val")
             test = self._drop_corrupt(test, "test") if test else test
-        if len(train) < self.batch_size and self._noted != (len(train), self.batch_size):
+        if len(train) < self.batch_size and stage in (None, "fit"):
             # a first try on a small folder trains (train drops incomplete batches: with batches
             # larger than the split it would run no step at all)
-            self._noted = (len(train), self.batch_size)
             if int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0:
                 print(f"note: the train split of {self.path} has {len(train)} images, fewer than data.batch_size="
                       f"{self.batch_size}: training uses batches of {len(train)} (one step per epoch; "
