@@ -143,6 +143,15 @@ def test_bad_data_stops_before_the_run_with_one_line_each(tmp_path):
     assert proc.returncode != 0 and "Traceback" in proc.stderr and "PreflightError" in proc.stderr
 
 
+# walkthrough: a missing --model.weights file was found after the W&B run and checkpoint folder existed
+def test_missing_weights_file_stops_before_the_run(tmp_path):
+    photo_folder(tmp_path / "my_birds", per_class=20)
+    proc = _train("fit", "--data.path", "my_birds", *TINY, "--model.weights", "/models/nowhere.safetensors", cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert any("weights file not found: /models/nowhere.safetensors" in ln for ln in _error_lines(proc))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["my_birds"]  # no wandb, checkpoints or config.yaml
+
+
 # observed 8: a misspelt callback method was buried above a jsonargparse Namespace dump
 def test_misspelt_callback_method_is_one_line(tmp_path):
     photo_folder(tmp_path / "my_birds", per_class=20)

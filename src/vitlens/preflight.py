@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
 
 from vitlens.data.errors import DataError, one_line
@@ -124,6 +125,11 @@ def _model_findings(datamodule, model) -> list[str]:
     if model is None:
         return []
     findings = []
+    weights = (getattr(model, "hparams", None) or {}).get("weights")
+    if (isinstance(weights, str) and weights != "timm" and not getattr(model, "_initial_weights_loaded", True)
+            and not Path(weights).is_file()):
+        findings.append(f"model.weights: weights file not found: {weights}; give the path of a local weights file "
+                        "(--model.weights FILE) or leave it out to train from scratch")
     backbone = getattr(model, "model", model)
     patch = getattr(getattr(backbone, "patch_embed", None), "patch_size", None)
     if patch is not None and datamodule is not None:
