@@ -289,3 +289,33 @@ def test_offline_run_reader_names_a_file_that_is_not_a_run(tmp_path):
         read_history(bad)
     with pytest.raises(FileNotFoundError, match="found 0"):
         read_history(tmp_path / "nothing")
+
+
+# --------------------------------------------------------------------------- localisation: one rule with evaluate
+@pytest.mark.parametrize("signed", ["positive", "raw"])
+def test_localisation_of_a_signed_map_equals_evaluate(tiny_dataset_dir, tmp_path, signed):
+    """cp_lrp maps are signed: the callback scores them as `explain.py evaluate --signed` does (issue 13)."""
+    from vitlens.metrics import localization
+    from vitlens.metrics.evaluate import evaluate_explanations
+
+    callback = _callback(methods=["cp_lrp"], perturbation_samples=0, include_random=False, shortcut_alarm=False,
+                         batch_size=64, signed=signed)
+    _, model = _fit(tiny_dataset_dir, tmp_path, callbacks=[callback], max_epochs=1)
+    data = tiny_datamodule(tiny_dataset_dir)
+    data.setup("fit")
+    indices = callback.sample_indices
+    result = callback.last_result
+    assert sorted(indices) == list(range(len(data.val_dataset)))  # every val image explained
+    batch = torch.utils.data.default_collate([data.val_dataset[i] for i in indices])
+    report = evaluate_explanations(model, [batch], ["cp_lrp"], data.mean, data.std, n_resamples=0, progress=False,
+                                   signed=signed)
+    scalars = result.scalars()
+    for score in ("pointing_game", "relevance_on_object"):
+        assert scalars[f"explain/cp_lrp/{score}"] == pytest.approx(report.methods["cp_lrp"][score], rel=1e-6), score
+    # the maps are signed, and the rule matters for them
+    from vitlens.relevance import explain_many
+    maps = explain_many(model.eval(), batch["image"], ["cp_lrp"]).maps["cp_lrp"]
+    assert (maps < 0).any()
+    other = "raw" if signed == "positive" else "positive"
+    on_object = localization(maps, batch["mask"].float(), signed=other)["relevance_on_object"]
+    assert float(on_object.nanmean()) != pytest.approx(scalars["explain/cp_lrp/relevance_on_object"], rel=1e-3)

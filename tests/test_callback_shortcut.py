@@ -125,3 +125,57 @@ def test_resume_continues_drift_and_the_alarm(tiny_dataset_dir, tmp_path):
         assert f"explain/{method}/drift" in whole.last_result.scalars()
         assert -1 <= resumed.last_result.scalars()[f"explain/{method}/drift"] <= 1
         assert len(resumed.last_result.drift[method]) == len(whole.last_result.drift[method]) == 4
+
+
+def _shortcut_fit(root: Path, tmp_path: Path, probability: float, logger=False):
+    """A real fit on a small toy-birds set whose every image of every split carries the class's corner
+    mark (``probability`` 1.0; 0.0: the same birds without it): 4 species, 32 px, small birds, a big mark,
+    no flips or crops (the mark stays in its corner). Shipped thresholds (no overrides)."""
+    from vitlens.data import ImageDataModule
+    from vitlens.data.toybirds import generate_toybirds, toybird_species_names
+
+    generate_toybirds(root, 4, image_size=32, train_per_class=128, val_per_class=8, test_per_class=1,
+                      shortcut_probability=probability, shortcut_size=10, seed=0, bird_size=(0.3, 0.4),
+                      distractors=(0, 1))
+    L.seed_everything(0, verbose=False)
+    data = ImageDataModule(str(root), image_size=32, batch_size=32, num_workers=0, backbone="vit_tiny_patch16_224",
+                           eval_resize="resize", hflip=0.0, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0),
+                           color_jitter=0.0)
+    model = ViTClassifier(class_names=toybird_species_names(4), lr=2e-3, weight_decay=0.01, warmup_epochs=0,
+                          backbone="vit_tiny_patch16_224", img_size=32,
+                          backbone_kwargs=dict(patch_size=8, embed_dim=64, depth=2, num_heads=2))
+    callback = ExplanationCallback(methods=["transformer_attribution", "grad_rollout"], num_samples=4,
+                                   perturbation_samples=0, strict=True)
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=15, logger=logger, callbacks=[callback],
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                        num_sanity_val_steps=0, enable_checkpointing=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(model, datamodule=data)
+    return trainer, callback
+
+
+@pytest.mark.slow
+def test_a_learned_shortcut_trips_the_shipped_thresholds(tmp_path):
+    """Issue 11: a tiny ViT learns the corner mark (100% val accuracy; without the mark it stays near chance),
+    the shipped thresholds fire, and the alert is read back from the offline W&B run."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    logger = WandbLogger(project="vitlens-test", save_dir=str(tmp_path), offline=True)
+    trainer, callback = _shortcut_fit(tmp_path / "marked", tmp_path, 1.0, logger=logger)
+    run_dir = Path(logger.experiment.dir).parent
+    import wandb
+
+    wandb.finish()
+    wandb.teardown()
+    assert float(trainer.callback_metrics["val/acc"]) == 1.0
+    fired = callback.alarm.fired
+    assert fired and min(e.epoch for e in fired) >= callback.alarm.thresholds.warmup_epochs
+    assert any(e.method == "transformer_attribution" for e in fired)
+    alerts = read_alerts(run_dir)
+    assert alerts and all("shortcut suspected at epoch" in a["title"] for a in alerts)
+    assert read_summary(run_dir)["shortcut/alarm"] is True
+
+    clean_trainer, clean = _shortcut_fit(tmp_path / "clean", tmp_path / "c", 0.0)
+    assert float(clean_trainer.callback_metrics["val/acc"]) < 0.6  # the birds alone are not learned in 15 epochs
+    assert clean.alarm.events == []

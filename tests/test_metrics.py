@@ -16,6 +16,7 @@ from vitlens.metrics import (
     curve_auc,
     mask_roc_auc,
     perturbation_auc,
+    perturbation_aucs,
     pointing_game,
     relevance_on_object,
     roc_auc,
@@ -34,9 +35,11 @@ class LeftHalfBrightness(torch.nn.Module):
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
         self.calls = 0
+        self.rows = 0
 
     def forward(self, x):
         self.calls += 1
+        self.rows += x.shape[0]
         x01 = x * self.std + self.mean
         s = x01[..., : x.shape[-1] // 2].mean((1, 2, 3))
         return torch.stack([torch.zeros_like(s), 10 * (s - 0.5)], 1)
@@ -155,6 +158,32 @@ def test_batch_size_does_not_change_results_and_model_mode_is_restored():
         assert value == pytest.approx(b.as_dict()[key]), key
     assert torch.equal(a.pos_correct, b.pos_correct) and torch.equal(a.neg_correct, b.neg_correct)
     assert model.calls == 5 * 19 + 1  # one row per call, then one call for all 5 x 19 rows
+
+
+def test_several_maps_in_one_call_give_the_numbers_of_one_call_each_with_fewer_rows():
+    """perturbation_aucs (the callback's): one clean pass for all maps, full batches of rows."""
+    g = torch.Generator().manual_seed(2)
+    images = normalize(torch.rand(5, 3, 10, 10, generator=g), MEAN, STD)
+    labels = torch.tensor([0, 1, 1, 0, 1])
+    targets = torch.tensor([1, 1, 0, 0, 1])
+    maps = {"patch a": torch.rand(5, 5, 5, generator=g), "pixel": torch.randn(5, 10, 10, generator=g),
+            "patch b": torch.rand(5, 5, 5, generator=g)}
+    model = LeftHalfBrightness().train()
+    together = perturbation_aucs(model, images, maps, labels, MEAN, STD, targets=targets, batch_size=32)
+    assert model.training and list(together) == list(maps)
+    calls, rows = model.calls, model.rows
+    model.rows = 0
+    for name, rel in maps.items():
+        alone = perturbation_auc(model, images, rel, labels, MEAN, STD, targets=targets, batch_size=32)
+        for key, value in alone.as_dict().items():
+            assert together[name].as_dict()[key] == pytest.approx(value), (name, key)
+        assert torch.equal(together[name].pos_correct, alone.pos_correct)
+    # one clean call, then 2 x 5 x 18 patch rows and 5 x 18 pixel rows in calls of 32
+    assert calls == 1 + -(-180 // 32) + -(-90 // 32)
+    assert rows == 5 + 3 * 5 * 18 < model.rows == 3 * 5 * 19
+    assert perturbation_aucs(model, images, {}, labels, MEAN, STD) == {}
+    with pytest.raises(ValueError, match="relevance must be"):
+        perturbation_aucs(model, images, {"bad": torch.rand(4, 5, 5)}, labels, MEAN, STD)
 
 
 def test_options_patches_and_fills():

@@ -67,6 +67,7 @@ from vitlens.callbacks.probe import dataset_class_names, dataset_labels, stratif
 from vitlens.callbacks.result import RANDOM, EpochResult, compute_shard, correlation, merge, signals_of
 from vitlens.metrics.shortcut import ShortcutAlarm, ShortcutThresholds
 from vitlens.relevance import METHODS, PRECISIONS, explain_many
+from vitlens.relevance.heatmap import SIGNED
 
 __all__ = ["ExplanationCallback", "ShortcutWarning"]
 
@@ -105,6 +106,11 @@ class ExplanationCallback(Callback):
         strict: re-raise errors instead of warning and switching off (for tests).
         log_table: log the W&B table ``explain/table`` (one row per epoch and probe sample).
         seed: seed of the probe-set selection.
+        signed: how maps with negative values (the LRP family) are shown and enter pointing game
+            and relevance on object: ``"positive"`` (their positive part, the default),
+            ``"absolute"`` or ``"raw"`` (plain min-max). The rule of ``explain.py evaluate
+            --signed`` (:func:`vitlens.metrics.localization`): the same map gets the same score in
+            both. Non-negative maps (transformer_attribution, grad_rollout) score the same under all three.
     """
 
     def __init__(
@@ -124,6 +130,7 @@ class ExplanationCallback(Callback):
         strict: bool = False,
         log_table: bool = True,
         seed: int = 0,
+        signed: str = "positive",
     ) -> None:
         super().__init__()
         if isinstance(methods, str):
@@ -134,6 +141,8 @@ class ExplanationCallback(Callback):
                 raise ValueError(f"ExplanationCallback: unknown method {method!r}; choose from {', '.join(METHODS)}")
         if precision is not None and precision not in PRECISIONS:
             raise ValueError(f"ExplanationCallback: precision must be None or one of {', '.join(PRECISIONS)}, got {precision!r}")
+        if signed not in SIGNED:
+            raise ValueError(f"ExplanationCallback: signed must be one of {', '.join(SIGNED)}, got {signed!r}")
         if on_shortcut not in ON_SHORTCUT:
             raise ValueError(f"ExplanationCallback: on_shortcut must be one of {', '.join(ON_SHORTCUT)}, got {on_shortcut!r}")
         for name, value, low in (
@@ -164,6 +173,7 @@ class ExplanationCallback(Callback):
         self.strict = bool(strict)
         self.log_table = bool(log_table)
         self.seed = int(seed)
+        self.signed = signed
 
         self.enabled = True
         self.sample_indices: list[int] | None = None  # dataset indices, probe set first
@@ -372,7 +382,7 @@ class ExplanationCallback(Callback):
                 explain=lambda images, targets: self._explain(pl_module, images, targets),
                 num_samples=self.num_samples, perturbation_samples=self.perturbation_samples, mean=mean, std=std,
                 perturbation_batch_size=self.perturbation_batch_size,
-                forward_context=trainer.precision_plugin.forward_context,
+                forward_context=trainer.precision_plugin.forward_context, signed=self.signed,
             )
 
     # ------------------------------------------------------------------ judging and logging (global rank 0)

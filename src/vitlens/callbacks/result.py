@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from vitlens.data.normalization import denormalize
-from vitlens.metrics import PerturbationResult, perturbation_auc, pointing_game, relevance_on_object
+from vitlens.metrics import PerturbationResult, localization, perturbation_aucs
 from vitlens.metrics.localization import object_masks
 from vitlens.metrics.shortcut import ShortcutEvent, ShortcutSignals, normalised_maps, shortcut_signals
 from vitlens.relevance import heatmap
@@ -26,7 +26,7 @@ __all__ = ["Shard", "EpochResult", "compute_shard", "merge", "RANDOM", "AUC_KEYS
 RANDOM = "random"
 AUC_KEYS = ("pos_auc", "neg_auc", "pos_auc_probability", "neg_auc_probability")
 CURVE_KEYS = ("pos_accuracy", "neg_accuracy", "pos_probability", "neg_probability")
-LOCALISATION_KEYS = ("pointing_game", "relevance_on_object")
+LOCALISATION_KEYS = ("pointing_game", "relevance_on_object")  # scored as explain.py evaluate does
 
 
 @dataclass
@@ -133,10 +133,17 @@ def compute_shard(
     std: Sequence[float],
     perturbation_batch_size: int,
     forward_context: Callable[[], Any],
+    signed: str = "positive",
 ) -> Shard:
     """Explain one rank's images: maps (predicted class; the probe's misclassified also for the true
     class), overlays of the probe, the perturbation test, localisation and the coarse maps of the
-    shortcut signals. ``explain(images, targets)`` -> (maps by method, logits)."""
+    shortcut signals. ``explain(images, targets)`` -> (maps by method, logits).
+
+    ``signed``: how maps with negative values are shown and enter the localisation scores, the
+    rule of ``explain.py evaluate`` (:func:`vitlens.metrics.localization`): the same map gets
+    the same pointing game and relevance on object in both. The perturbation test of every
+    method (and the random control) runs as one :func:`perturbation_aucs` call: one clean pass
+    for all maps, their perturbed rows in full batches."""
     device = next(pl_module.parameters()).device
     images = batch["image"].to(device)
     labels = batch["label"].to(device)
@@ -172,24 +179,24 @@ def compute_shard(
         shard.coarse[method] = normalised_maps(predicted_maps[method]).float().cpu()
         if method != RANDOM and probe.any():
             shard.maps[method] = true_maps[method][probe].cpu()
-            shard.overlay[method] = list(overlay(images01, heatmap(true_maps[method][probe], size)))
+            shard.overlay[method] = list(overlay(images01, heatmap(true_maps[method][probe], size, signed=signed)))
             shard.overlay_predicted[method] = {}
             if shown_wrong.any():
-                tiles = overlay(images01[shown_wrong], heatmap(predicted_maps[method][probe][shown_wrong], size))
+                shown = heatmap(predicted_maps[method][probe][shown_wrong], size, signed=signed)
+                tiles = overlay(images01[shown_wrong], shown)
                 shard.overlay_predicted[method] = dict(zip(shown_wrong.nonzero().flatten().tolist(), tiles))
-        if perturbed.any():
-            with forward_context():  # the trainer's autocast (bf16-mixed...), as in validation
-                result = perturbation_auc(
-                    pl_module, images[perturbed], predicted_maps[method][perturbed], labels[perturbed],
-                    mean=mean, std=std, targets=predictions[perturbed], batch_size=perturbation_batch_size,
-                )
-            shard.perturbation[method] = (int(perturbed.sum()), result.as_dict())
         if objects is not None:
-            maps = heatmap(predicted_maps[method], size)
-            shard.localisation[method] = {
-                "pointing_game": pointing_game(maps, objects).cpu(),
-                "relevance_on_object": relevance_on_object(maps, objects).cpu(),
-            }
+            scores = localization(predicted_maps[method], objects, signed=signed, scores=LOCALISATION_KEYS)
+            shard.localisation[method] = {k: v.cpu() for k, v in scores.items()}
+    if perturbed.any():
+        with forward_context():  # the trainer's autocast (bf16-mixed...), as in validation
+            results = perturbation_aucs(
+                pl_module, images[perturbed], {m: maps[perturbed] for m, maps in predicted_maps.items()},
+                labels[perturbed], mean=mean, std=std, targets=predictions[perturbed],
+                batch_size=perturbation_batch_size,
+            )
+        count = int(perturbed.sum())
+        shard.perturbation = {m: (count, r.as_dict()) for m, r in results.items()}
     return shard
 
 

@@ -329,7 +329,7 @@ def evaluate_explanations(
                     if "mask" in batch:
                         seg[m].update(heatmap(rel[i], (h, w)), batch["mask"][:take].to(device), batch.get(
                             "has_mask", torch.ones(take, dtype=torch.bool))[:take].to(device))
-                    loc[m].update(heatmap(rel[i], (h, w), signed=signed), masks, valid)
+                    loc[m].add(rel[i], masks, valid, signed=signed)  # the callback's rule too
             seen += take
             bar.update(take)
     finally:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from vitlens.metrics.ranking import roc_auc
+from vitlens.relevance.heatmap import SIGNED, heatmap
 
 
 def boxes_to_masks(boxes: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -97,6 +98,30 @@ def mask_roc_auc(heatmaps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     return roc_auc(maps, on)
 
 
+SCORES = ("pointing_game", "relevance_on_object", "roc_auc")
+
+
+def localization(relevance: torch.Tensor, masks: torch.Tensor, *, signed: str = "positive",
+                 scores: tuple[str, ...] = SCORES) -> dict[str, torch.Tensor]:
+    """Per-image localisation scores of raw relevance maps: the one rule of ``explain.py evaluate``
+    and the training callback, so both give the same number for the same map.
+
+    ``relevance`` (B, h, w) raw maps (patch grid or pixels) are upsampled and scaled to [0, 1]
+    with :func:`vitlens.relevance.heatmap` at the masks' size, ``signed`` deciding how negative
+    relevance enters (``"positive"``: the evidence for the class, as LRP papers show it, the
+    default; ``"absolute"``; ``"raw"``: plain min-max, which puts a signed map's zero at
+    mid-scale). Non-negative maps score the same under all three. ``masks`` (B, H, W) in {0, 1}.
+    Returns ``{score: (B,) values}`` for ``scores`` (NaN where a score is undefined).
+    """
+    if signed not in SIGNED:
+        raise ValueError(f"signed must be one of {', '.join(SIGNED)}, got {signed!r}")
+    unknown = [s for s in scores if s not in SCORES]
+    if unknown:
+        raise ValueError(f"unknown localisation score {unknown[0]!r}; choose from {', '.join(SCORES)}")
+    maps = heatmap(relevance, tuple(masks.shape[-2:]), signed=signed)
+    return {name: LocalizationScores.SCORES[name](maps, masks) for name in scores}
+
+
 class LocalizationScores:
     """Streams pointing game, relevance share and ROC AUC over a dataset.
 
@@ -120,6 +145,15 @@ class LocalizationScores:
             heatmaps, masks = heatmaps[valid], masks.to(heatmaps.device)[valid]
         for name, fn in self.SCORES.items():
             self._values[name].append(fn(heatmaps, masks).cpu())
+
+    def add(self, relevance: torch.Tensor, masks: torch.Tensor, valid: torch.Tensor | None = None, *,
+            signed: str = "positive") -> None:
+        """Like ``update``, from raw relevance maps scored by :func:`localization` (``signed``)."""
+        if valid is not None:
+            valid = torch.as_tensor(valid, device=relevance.device).bool()
+            relevance, masks = relevance[valid], masks.to(relevance.device)[valid]
+        for name, values in localization(relevance, masks, signed=signed).items():
+            self._values[name].append(values.cpu())
 
     @property
     def per_image(self) -> dict[str, torch.Tensor]:

@@ -504,12 +504,15 @@ class AuditReport:
 
 def audit_shortcuts(model: torch.nn.Module, batches: Iterable[dict], methods: Sequence[str],
                     class_names: Sequence[str], *, thresholds: ShortcutThresholds | None = None,
-                    limit: int | None = None, precision: str | None = None, examples: int = 6) -> AuditReport:
+                    limit: int | None = None, precision: str | None = None, examples: int = 6,
+                    signed: str = "positive") -> AuditReport:
     """Explain every image of ``batches`` (true class) with ``methods`` and the random control; judge each class.
 
+    ``signed``: how signed maps enter relevance on object (as in the callback and ``evaluate``).
+
     Keeps only the coarse maps (``MAX_GRID`` cells a side), so memory is small for any split size."""
-    from vitlens.metrics.localization import object_masks, relevance_on_object
-    from vitlens.relevance import explain_many, heatmap
+    from vitlens.metrics.localization import localization, object_masks
+    from vitlens.relevance import explain_many
 
     thresholds = thresholds or ShortcutThresholds()
     methods = [m for m in dict.fromkeys(methods) if m != "random"]
@@ -537,7 +540,8 @@ def audit_shortcuts(model: torch.nn.Module, batches: Iterable[dict], methods: Se
                 maps = out.maps[m].detach().float()
                 kept[m].append(normalised_maps(maps).float().cpu())
                 if objects is not None:
-                    on_obj[m].append(relevance_on_object(heatmap(maps, size), objects.to(device)).cpu())
+                    on_obj[m].append(localization(maps, objects.to(device), signed=signed,
+                                                  scores=("relevance_on_object",))["relevance_on_object"].cpu())
             any_objects |= objects is not None
             labels.append(y.cpu())
             indices.append((batch["index"][:take] if "index" in batch else torch.arange(seen, seen + take)).cpu())

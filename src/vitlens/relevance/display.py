@@ -201,7 +201,9 @@ def plot_perturbation_curves(results_by_method: Mapping[str, object], path=None,
     axes[0].set_ylabel("top-1 accuracy (%)")
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
+    # fixed margins, not tight_layout(): that draws the whole figure once more to measure it,
+    # which doubled the cost of the callback's per-epoch curves
+    fig.subplots_adjust(left=0.07, right=0.98, bottom=0.13, top=0.84 if title else 0.9, wspace=0.06)
     if path is not None:
         fig.savefig(path, format="png")
     return fig
