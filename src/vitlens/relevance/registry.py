@@ -274,6 +274,37 @@ class MethodNames(Sequence):
 METHODS = MethodNames()
 
 
+def with_options(methods: Sequence[str], method_options: Mapping[str, Mapping] | None = None) -> dict[str, dict]:
+    """``methods`` and per-method options -> the mapping ``explain_many`` takes
+    (``{method: options}``). Options of a method not in ``methods``, an unknown method or an
+    unknown option are errors naming them."""
+    method_options = dict(method_options or {})
+    out = {}
+    for m in methods:
+        out[m] = dict(method_options.get(m, {}))
+    for m, opts in method_options.items():
+        method = get_method(m)
+        if m not in out:
+            raise ValueError(f"options are given for method {m!r}, which is not among the methods "
+                             f"({', '.join(out) or 'none'})")
+        if not isinstance(opts, Mapping):
+            raise TypeError(f"the options of method {m!r} must be a mapping name -> value, got {type(opts).__name__}")
+        unknown = set(opts) - set(method.options)
+        if unknown:
+            raise TypeError(f"method {m!r} takes no option {', '.join(sorted(map(repr, unknown)))}"
+                            f"{'; its options: ' + ', '.join(method.options) if method.options else ''}")
+    return out
+
+
+def describe() -> list[dict]:
+    """One entry per registered method: name, help, resolution, options (default, help),
+    flags; what ``explain.py methods`` prints."""
+    return [{"name": m.name, "help": m.help, "resolution": m.resolution,
+             "options": {k: {"default": o.default, "help": o.help} for k, o in m.options.items()},
+             "class_agnostic": m.class_agnostic, "float64_in_float32": m.float64_in_float32}
+            for m in _METHODS.values()]
+
+
 def parse_option(text: str) -> tuple[str, str, Any]:
     """``"METHOD.NAME=VALUE"`` -> (method, option, value) for command lines: the value is
     parsed as an int, a float, or kept as text; unknown methods and options are errors."""
