@@ -54,7 +54,7 @@ def explain(model: nn.Module, images: torch.Tensor, method: str = "transformer_a
         model: a timm VisionTransformer (ViT, DeiT incl. distilled, MAE-style average pooling,
             register tokens) or a module whose ``.model`` is one (``ViTClassifier``).
         images: normalised batch ``(B, 3, H, W)`` on the model's device.
-        method: one of ``METHODS``.
+        method: one of ``METHODS`` (the registered methods, ``register_method``).
         targets: ``None`` (the predicted class), an int, or one class per image.
         precision: ``None`` (the model's dtype), ``"float64"``, ``"float32"``, ``"tf32"``
             (TF32 matmuls on Ampere+ GPUs; float32 elsewhere) or ``"bf16"`` (bfloat16
@@ -66,9 +66,11 @@ def explain(model: nn.Module, images: torch.Tensor, method: str = "transformer_a
             pass rounded too, so the explained (predicted) class can differ in near-ties.
         return_logits: return an ``Explanation(relevance, logits, targets)`` instead of the
             map: the logits come from the same forward pass.
-        **options: ``start_layer`` (transformer_attribution: 1, rollout: 1, lrp_rollout: 0,
-            grad_rollout: 0), ``seed`` (random: 0), ``gamma_linear`` (0.05), ``gamma_conv``
-            (0.25) and ``resolution`` (``"pixel"`` | ``"patch"``) for attnlrp / cp_lrp.
+        **options: the method's options (``registry.Method.options``; ``python explain.py
+            methods`` lists every method's): for the built-ins ``start_layer``
+            (transformer_attribution: 1, rollout: 1, lrp_rollout: 0, grad_rollout: 0), ``seed``
+            (random: 0), ``gamma_linear`` (0.05), ``gamma_conv`` (0.25) and ``resolution``
+            (``"pixel"`` | ``"patch"``) for attnlrp / cp_lrp.
 
     The model is left exactly as found (modes, flags, hooks, gradients); works under
     ``torch.no_grad()`` and ``torch.inference_mode()``.
