@@ -236,3 +236,19 @@ def test_the_evaluation_runs_a_registered_method_with_its_options(toys):
     report = evaluate_explanations(model, batches, ["toy_attention"], (0.5,) * 3, (0.5,) * 3, n_resamples=0,
                                    progress=False, method_options={"toy_attention": {"scale": 2.0}})
     assert "toy_attention" in report.methods
+
+
+def test_the_docs_table_lists_the_registry():
+    """docs/relevance.md's method table: every registered built-in, with its defaults."""
+    import re
+
+    rows = {}
+    for line in (ROOT / "docs" / "relevance.md").read_text().splitlines():
+        found = re.match(r"\| `(\w+)` \|([^|]*)\|", line)
+        if found and found.group(1) in METHODS:
+            rows[found.group(1)] = found.group(2)
+    assert set(rows) == set(METHODS)
+    for name, options in rows.items():
+        for key, default in get_method(name).defaults().items():
+            if options.strip() != "as `attnlrp`":
+                assert f"{key}={default!r}".replace("'", '"') in options, (name, key)
