@@ -153,9 +153,12 @@ def _check_options(req: dict[str, dict], depth: int) -> dict[str, Needs]:
             if problem:
                 raise ValueError(f"{name}: {problem}")
         n = method.needs(opts, depth)
-        if n.relevance is not None and n.relevance not in registry.RULE_SETS:
-            raise ValueError(f"method {name!r} needs the rule set {n.relevance!r}, which is not registered; "
-                             f"registered: {', '.join(registry.RULE_SETS)}")
+        if n.relevance is not None:
+            if n.relevance not in registry.RULE_SETS:
+                raise ValueError(f"method {name!r} needs the rule set {n.relevance!r}, which is not registered; "
+                                 f"registered: {', '.join(registry.RULE_SETS)}")
+            if n.relevance_from is None:  # the top block only, or every block on the way to the input
+                n = n._replace(relevance_from=0 if n.to_input else depth - 1)
         needs[name] = n
     return needs
 

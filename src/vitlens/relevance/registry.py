@@ -65,9 +65,7 @@ class RuleSet:
 
     def block(self, bb, w, t, R, *, to_input: bool, rows: int | None):
         block_rule = getattr(bb.family, "block_rule", None) or rules.block_rule
-        if self.plain:
-            return block_rule(bb, w, t, R, plain=True, to_input=to_input, rows=rows)
-        return block_rule(bb, w, t, R, to_input=to_input, rows=rows)
+        return block_rule(bb, w, t, R, plain=self.plain, to_input=to_input, rows=rows)
 
     def patch_embedding(self, bb, trace, R):
         with bb.exact():  # cheap, and its z^B denominators can cancel
@@ -99,8 +97,10 @@ class Needs(NamedTuple):
       the attention matrix it reads (``Records.gradients``);
     - ``relevance``: the rule set of the relevance pass it reads (``RULE_SETS``);
     - ``relevance_from``: the lowest block whose attention relevance it reads (``on_block``
-      is called for the blocks from the top down to this one; explicit rule sets);
+      is called for the blocks from the top down to this one; explicit rule sets; None: the
+      top block only, or every block with ``to_input``);
     - ``to_input``: it reads the relevance at the input pixels (``Records.input_relevance``).
+      A method of a Gradient x Input rule set reads only that (its pass records nothing).
     """
 
     attention: int | None = None
