@@ -20,7 +20,7 @@ import torch.nn as nn
 from vitlens.relevance import families, lrp_gradient, registry
 from vitlens.relevance.forward import forward
 from vitlens.relevance.precision import PRECISIONS, Precision, float32_precision, plan as precision_plan
-from vitlens.relevance.registry import METHODS, Method, Needs, Records, get_method
+from vitlens.relevance.registry import METHODS, Needs, Records, get_method
 from vitlens.relevance.weights import Backbone
 
 __all__ = ["METHODS", "PRECISIONS", "Explanation", "Explanations", "explain", "explain_many"]
