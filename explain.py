@@ -4,6 +4,9 @@
     python explain.py maps --model vit_small_patch16_224 --weights vit_s16.safetensors --images a.jpg --out maps/
     python explain.py evaluate --ckpt RUN.ckpt --data.path data/toybirds --split val --limit 500 \\
         --methods transformer_attribution grad_rollout rollout random --out eval/
+    python explain.py maps --ckpt RUN.ckpt --images a.jpg --methods transformer_attribution attnlrp \\
+        --option transformer_attribution.start_layer=0 --option attnlrp.resolution=patch --out maps/
+    python explain.py methods          # every relevance method, its options and their defaults
 
 ``maps`` writes, per image, ``<name>.png`` (the image captioned with class and probability,
 beside an overlay per method; one row per explained class), ``<name>.<method>.npy`` (the raw
@@ -12,7 +15,8 @@ maps: (h, w), or (k, h, w) with ``--topk k``), plus ``contact_sheet.png`` and ``
 ``vitlens.metrics.evaluate``) on the split the checkpoint was trained with (its saved data
 settings; ``--data.*`` overrides them, ``vitlens.data.from_checkpoint``). ``audit`` looks for
 shortcuts on that split (``vitlens.metrics.shortcut_audit``): ``audit.md``, ``audit.json`` and
-per-class mean maps / hotspot PNGs. Errors are one line on stderr with exit status 2
+per-class mean maps / hotspot PNGs. ``methods`` lists the registered relevance methods
+(``vitlens.relevance.registry``). Errors are one line on stderr with exit status 2
 (``VITLENS_DEBUG=1`` shows the traceback).
 """
 from __future__ import annotations
@@ -59,9 +63,13 @@ def _precision(value: str) -> str:
 def add_common_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ckpt", metavar="FILE", help="a vitlens checkpoint (.ckpt) written by train.py")
     p.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, metavar="METHOD",
-                   help="relevance methods, names from vitlens.relevance.METHODS, e.g. transformer_attribution "
-                        "grad_rollout rollout raw_attention attn_gradcam full_lrp random ('random' = chance "
-                        "level) (default: %(default)s)")
+                   help="relevance methods, names from vitlens.relevance.METHODS ('explain.py methods' lists "
+                        "them), e.g. transformer_attribution grad_rollout rollout attnlrp full_lrp random "
+                        "('random' = chance level) (default: %(default)s)")
+    p.add_argument("--option", action="append", default=[], metavar="METHOD.NAME=VALUE",
+                   help="an option of one of the --methods, e.g. transformer_attribution.start_layer=0 or "
+                        "attnlrp.resolution=patch (repeatable; 'explain.py methods' lists every option and its "
+                        "default)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (created if missing)")
     p.add_argument("--device", default="auto",
                    help="torch device: cpu, cuda, cuda:1, ... (default: auto = cuda when available, else cpu)")
@@ -261,6 +269,7 @@ def run_maps(args) -> None:
     from vitlens.metrics.evaluate import ProgressLine
     from vitlens.relevance import explain_many
     from vitlens.relevance.display import contact_sheet, explanation_panel, save_png
+    from vitlens.relevance.registry import with_options
 
     device = _device(args.device)
     model, class_names, mean, std, size = load_model(args, device)
@@ -288,7 +297,8 @@ def run_maps(args) -> None:
             classes = torch.full((len(chunk), 1), target, device=device)
         else:
             classes = probs.topk(topk, dim=1).indices
-        maps = [explain_many(model, images, args.methods, classes[:, k], precision=precision).maps
+        requested = with_options(args.methods, args.method_options)
+        maps = [explain_many(model, images, requested, classes[:, k], precision=precision).maps
                 for k in range(classes.shape[1])]
         images01 = denormalize(images.cpu(), mean, std).clamp(0, 1)
         for i, (p, name) in enumerate(zip(chunk, names[start:start + len(chunk)])):
@@ -355,7 +365,8 @@ def run_evaluate(args) -> None:
     report = evaluate_explanations(model, loader, args.methods, mean, std, limit=args.limit,
                                    perturbation_batch_size=args.perturbation_batch_size or (256 if device.type == "cuda" else 64),
                                    precision=args.precision, signed=args.signed, n_resamples=args.bootstrap,
-                                   progress=not args.no_progress, total_images=n)
+                                   progress=not args.no_progress, total_images=n,
+                                   method_options=args.method_options)
     report.meta.update(model=Path(args.ckpt).name, checkpoint=str(args.ckpt), data=str(dm.path),
                        split=args.split, methods=list(args.methods),
                        data_settings={k: data.settings[k] for k in data.settings if k != "generate_options"},
@@ -415,11 +426,37 @@ def run_audit(args) -> None:
     report = audit_checkpoint(model, class_names, mean, std, size, data_args=data_args, split=args.split,
                               methods=args.methods, out=args.out, batch_size=args.batch_size, limit=args.limit,
                               precision=args.precision, thresholds=thresholds, examples=args.examples,
-                              use_wandb=args.wandb, wandb_project=args.wandb_project, checkpoint=args.ckpt)
+                              use_wandb=args.wandb, wandb_project=args.wandb_project, checkpoint=args.ckpt,
+                              method_options=args.method_options)
     for method in report.methods:
         found = report.suspected[method]
         print(f"{method}: " + (f"shortcut suspected for {', '.join(found)}" if found else "no shortcut suspected"))
     print(f"wrote audit.md, audit.json and PNGs to {args.out}")
+
+
+# ---------------------------------------------------------------------------- methods
+def add_methods_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print the list as JSON")
+
+
+def run_methods(args) -> None:
+    """The registered methods: name, map resolution, options with defaults, help."""
+    from vitlens.relevance.registry import describe
+
+    entries = describe()
+    if args.json:
+        print(json.dumps(entries, indent=2, default=str))
+        return
+    for e in entries:
+        flags = [e["resolution"] if e["resolution"] != "option" else "resolution by option"]
+        if e["class_agnostic"]:
+            flags.append("class-agnostic")
+        if e["float64_in_float32"]:
+            flags.append("float64 when float32 is asked")
+        print(f"{e['name']}  ({', '.join(flags)})")
+        print(f"    {e['help']}")
+        for name, o in e["options"].items():
+            print(f"    --option {e['name']}.{name}={o['default']}   {o['help']}")
 
 
 # ---------------------------------------------------------------------------- main
@@ -429,6 +466,8 @@ COMMANDS: dict[str, Command] = {
                         "checkpoint's validation (or test) split.", add_evaluate_arguments, run_evaluate),
     "audit": Command("Shortcut audit of a checkpoint over a split: per-class mean maps, off-object hotspots, "
                      "a verdict per class.", add_audit_arguments, run_audit),
+    "methods": Command("The relevance methods (the registry): their options, defaults and map resolution.",
+                       add_methods_arguments, run_methods),
 }
 
 
@@ -439,9 +478,16 @@ def main(argv=None) -> int:
         if hasattr(args, "methods"):
             from vitlens.relevance import METHODS
 
+            from vitlens.relevance.registry import parse_option, with_options
+
             unknown = [m for m in args.methods if m not in METHODS]
             if unknown:
                 raise UserError(f"unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
+            args.method_options = {}
+            for text in args.option:
+                method, name, value = parse_option(text)
+                args.method_options.setdefault(method, {})[name] = value
+            with_options(args.methods, args.method_options)  # options of a method not asked for: an error
         COMMANDS[command].run(args)
     except (UserError, ValueError, OSError, KeyError, TypeError) as error:
         if os.environ.get("VITLENS_DEBUG"):

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from vitlens.metrics import perturbation_auc
-from vitlens.relevance import METHODS, explain
+from vitlens.relevance import METHODS, explain, get_method
 
 
 def load(args):
@@ -198,9 +198,9 @@ def main(argv=None):
 
     rows = {}
     for m in args.methods:
-        pixel = m in ("full_lrp", "attnlrp", "cp_lrp")
-        rows[m] = ("pixels" if pixel else "patches", lambda x, m=m: explain(model, x, m))
-        if m in ("attnlrp", "cp_lrp"):
+        resolution = get_method(m).resolution  # "patch", "pixel", or by the resolution option (pixel default)
+        rows[m] = ("patches" if resolution == "patch" else "pixels", lambda x, m=m: explain(model, x, m))
+        if resolution == "option":
             rows[f"{m} (patch grid)"] = ("patches", lambda x, m=m: explain(model, x, m, resolution="patch"))
     rows.update(peers(model))
 

@@ -132,3 +132,20 @@ def test_val_split_smaller_than_the_probe_set_is_a_note_not_an_error(tmp_path, c
         "every epoch (more val images give steadier explanation metrics)"]
     preflight(data, model, [ExplanationCallback(methods=["grad_rollout"], num_samples=8, perturbation_samples=8)])
     assert capsys.readouterr().err == ""  # nothing to say when the split is large enough
+
+
+def test_the_dry_run_uses_the_callbacks_method_options(tmp_path):
+    """An option the model cannot take is found before training, not after epoch 1."""
+    from vitlens.callbacks import ExplanationCallback
+    from vitlens.models import ViTClassifier
+
+    data = _data(photo_folder(tmp_path / "birds", per_class=20), image_size=32)
+    model = ViTClassifier("vit_tiny_patch16_224", class_names=list(CLASSES), img_size=32,
+                          backbone_kwargs=dict(patch_size=8, embed_dim=32, depth=2, num_heads=2))
+    ok = ExplanationCallback(methods=["transformer_attribution"], num_samples=4, perturbation_samples=4,
+                             method_options={"transformer_attribution": {"start_layer": 0}})
+    preflight(data, model, [ok])  # no finding
+    bad = ExplanationCallback(methods=["transformer_attribution"], num_samples=4, perturbation_samples=4,
+                              method_options={"transformer_attribution": {"start_layer": 2}})
+    findings = _findings(data, model, [bad])
+    assert len(findings) == 1 and "start_layer must be an int in [0, 1], got 2" in findings[0]

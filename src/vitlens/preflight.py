@@ -183,7 +183,7 @@ def _dry_run(callback, model, image_size: int) -> list[str]:
     images = torch.zeros(1, 3, image_size, image_size, device=device)
     for method in callback.methods:
         try:
-            explain(model, images, method, targets=0)
+            explain(model, images, method, targets=0, **getattr(callback, "method_options", {}).get(method, {}))
         except Exception as error:  # noqa: BLE001 - name the method and the model
             depth = len(getattr(getattr(model, "model", model), "blocks", ()))
             findings.append(f"ExplanationCallback method {method!r} cannot run on this model (depth {depth}, "

@@ -68,6 +68,7 @@ from vitlens.callbacks.result import RANDOM, EpochResult, compute_shard, correla
 from vitlens.metrics.shortcut import ShortcutAlarm, ShortcutThresholds
 from vitlens.relevance import METHODS, PRECISIONS, explain_many
 from vitlens.relevance.heatmap import SIGNED
+from vitlens.relevance.registry import with_options
 
 __all__ = ["ExplanationCallback", "ShortcutWarning"]
 
@@ -83,6 +84,8 @@ class ExplanationCallback(Callback):
 
     Args:
         methods: relevance methods to show and score (names from ``vitlens.relevance.METHODS``).
+        method_options: options per method, e.g. ``{"transformer_attribution": {"start_layer": 0}}``
+            (``python explain.py methods`` lists them; ``random`` takes ``seed``).
         num_samples: size of the probe set shown every epoch (stratified by class, seeded).
         every_n_epochs: run at the end of every n-th validation epoch (never in the sanity check).
         perturbation_samples: validation images in the perturbation test (0 switches it off).
@@ -131,6 +134,7 @@ class ExplanationCallback(Callback):
         log_table: bool = True,
         seed: int = 0,
         signed: str = "positive",
+        method_options: dict[str, dict[str, Any]] | None = None,
     ) -> None:
         super().__init__()
         if isinstance(methods, str):
@@ -139,6 +143,11 @@ class ExplanationCallback(Callback):
         for method in methods:
             if method not in METHODS:
                 raise ValueError(f"ExplanationCallback: unknown method {method!r}; choose from {', '.join(METHODS)}")
+        try:
+            with_options(dict.fromkeys((*methods, RANDOM)), method_options)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"ExplanationCallback: method_options: {error}") from None
+        self.method_options = {m: dict(o) for m, o in (method_options or {}).items()}
         if precision is not None and precision not in PRECISIONS:
             raise ValueError(f"ExplanationCallback: precision must be None or one of {', '.join(PRECISIONS)}, got {precision!r}")
         if signed not in SIGNED:
@@ -194,6 +203,8 @@ class ExplanationCallback(Callback):
         """One checkpoint entry per set of methods, so that two callbacks (say, one for
         transformer_attribution every epoch, one for full_lrp every 5) keep their own state.
         The seed is not part of it: a resume keeps the checkpoint's probe set."""
+        if self.method_options:  # two callbacks with other options keep their own state
+            return self._generate_state_key(methods=self.methods, method_options=self.method_options)
         return self._generate_state_key(methods=self.methods)
 
     @property
@@ -355,13 +366,14 @@ class ExplanationCallback(Callback):
 
         ``targets=None`` explains the predicted class."""
         methods = self.methods + ((RANDOM,) if self.include_random else ())
+        requested = with_options(methods, {m: o for m, o in self.method_options.items() if m in methods})
         maps: dict[str, list[torch.Tensor]] = {m: [] for m in methods}
         logits = []
         for i in range(0, len(images), self.batch_size):
             out = explain_many(
                 pl_module,
                 images[i : i + self.batch_size],
-                methods,
+                requested,
                 None if targets is None else targets[i : i + self.batch_size],
                 precision=self.precision,
             )

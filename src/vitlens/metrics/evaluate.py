@@ -19,7 +19,7 @@ import math
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import torch
 
@@ -28,11 +28,14 @@ from vitlens.metrics.localization import LocalizationScores, object_masks
 from vitlens.metrics.perturbation import PAPER_FRACTIONS, TESTS, PerturbationResult, _perturbed_rows, _result
 from vitlens.metrics.segmentation import SegmentationScores
 from vitlens.relevance.heatmap import heatmap
+from vitlens.relevance.registry import class_agnostic, registered, with_options
 
 PRECISIONS = ("float32", "tf32", "bf16", "float64")  # the names of vitlens.relevance.PRECISIONS
 SIGNED = ("positive", "absolute", "raw")  # how signed maps enter localisation (vitlens.relevance.heatmap)
-# methods whose map does not depend on the explained class: explained (and perturbed) once per image
-CLASS_AGNOSTIC = frozenset({"rollout", "raw_attention", "random"})
+# the built-in methods whose map does not depend on the explained class (``Method.class_agnostic``
+# in vitlens.relevance.registry, which the evaluation reads, so registered methods count too):
+# explained (and perturbed) once per image
+CLASS_AGNOSTIC = frozenset(m.name for m in registered() if m.class_agnostic)
 
 
 def check_precision(precision: str) -> str:
@@ -208,6 +211,7 @@ def evaluate_explanations(
     seed: int = 0,
     progress: bool = True,
     total_images: int | None = None,
+    method_options: Mapping[str, Mapping] | None = None,
 ) -> EvaluationReport:
     """Explain and score every method on up to ``limit`` images of ``batches``.
 
@@ -229,11 +233,12 @@ def evaluate_explanations(
             (raw min-max; the perturbation test only uses the maps' order).
         n_resamples, seed: the bootstrap intervals (``n_resamples=0``: none).
         total_images: for the progress line's ETA.
+        method_options: options per method (``{"transformer_attribution": {"start_layer": 0}}``).
 
     Cost: per batch, one relevance pass for all methods (predicted class), one more for the
     class-specific methods on the misclassified images (target class), one clean forward, and
     the perturbed forwards of every distinct map: a class-agnostic method's map
-    (``CLASS_AGNOSTIC``) is perturbed once and serves both the predicted and the target
+    (``Method.class_agnostic``) is perturbed once and serves both the predicted and the target
     class (their probabilities are read from the same logits).
     """
     from vitlens.relevance import explain_many
@@ -242,7 +247,9 @@ def evaluate_explanations(
     if signed not in SIGNED:
         raise ValueError(f"signed must be one of {', '.join(SIGNED)}, got {signed!r}")
     methods = list(dict.fromkeys(methods))
-    specific = [m for m in methods if m not in CLASS_AGNOSTIC]
+    requested = with_options(methods, method_options)
+    agnostic = {m for m in methods if class_agnostic(m)}
+    specific = [m for m in methods if m not in agnostic]
     device = next(model.parameters()).device
     forward_model = PrecisionForward(model, precision)
     pred_parts = {m: [] for m in methods}
@@ -262,11 +269,12 @@ def evaluate_explanations(
             take = len(batch["label"]) if limit is None else min(len(batch["label"]), limit - seen)
             images = batch["image"][:take].to(device)
             labels = batch["label"][:take].to(device)
-            out = explain_many(model, images, methods, None, precision=precision)
+            out = explain_many(model, images, requested, None, precision=precision)
             pred = out.targets
             correct += int((pred == labels).sum())
             wrong = (pred != labels).nonzero().flatten()
-            out_target = (explain_many(model, images[wrong], specific, labels[wrong], precision=precision)
+            out_target = (explain_many(model, images[wrong], {m: requested[m] for m in specific}, labels[wrong],
+                                       precision=precision)
                           if len(wrong) and specific else None)
             with torch.inference_mode():  # one clean pass for every map and test
                 clean_logits = forward_model(images)
@@ -314,7 +322,7 @@ def evaluate_explanations(
                 pred_parts[m].append(res)
                 per = {k: v.clone() for k, v in res.per_image().items()}
                 if len(wrong):
-                    if m in CLASS_AGNOSTIC:  # same map: the same rows, the true class's probability
+                    if m in agnostic:  # same map: the same rows, the true class's probability
                         res_t = _result(cors[i][wrong_cpu], probs[i][wrong_cpu][..., 1], fractions, TESTS,
                                         clean=(clean_c[wrong_cpu], clean_lp[wrong_cpu]))
                     else:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -505,17 +505,21 @@ class AuditReport:
 def audit_shortcuts(model: torch.nn.Module, batches: Iterable[dict], methods: Sequence[str],
                     class_names: Sequence[str], *, thresholds: ShortcutThresholds | None = None,
                     limit: int | None = None, precision: str | None = None, examples: int = 6,
-                    signed: str = "positive") -> AuditReport:
+                    signed: str = "positive",
+                    method_options: Mapping[str, Mapping] | None = None) -> AuditReport:
     """Explain every image of ``batches`` (true class) with ``methods`` and the random control; judge each class.
+    ``method_options``: options per method (``{"transformer_attribution": {"start_layer": 0}}``).
 
     ``signed``: how signed maps enter relevance on object (as in the callback and ``evaluate``).
 
     Keeps only the coarse maps (``MAX_GRID`` cells a side), so memory is small for any split size."""
     from vitlens.metrics.localization import localization, object_masks
     from vitlens.relevance import explain_many
+    from vitlens.relevance.registry import with_options
 
     thresholds = thresholds or ShortcutThresholds()
     methods = [m for m in dict.fromkeys(methods) if m != "random"]
+    requested = with_options([*methods, "random"], method_options)
     device = next(model.parameters()).device
     kept: dict[str, list[torch.Tensor]] = {m: [] for m in [*methods, "random"]}
     on_obj: dict[str, list[torch.Tensor]] = {m: [] for m in [*methods, "random"]}
@@ -531,7 +535,7 @@ def audit_shortcuts(model: torch.nn.Module, batches: Iterable[dict], methods: Se
             take = len(batch["label"]) if limit is None else min(len(batch["label"]), limit - seen)
             images = batch["image"][:take].to(device)
             y = batch["label"][:take].to(device)
-            out = explain_many(model, images, [*methods, "random"], y, precision=precision)
+            out = explain_many(model, images, requested, y, precision=precision)
             correct += int((out.logits.argmax(-1) == y).sum())
             size = tuple(images.shape[-2:])
             found = object_masks({k: v[:take] for k, v in batch.items() if k in ("mask", "has_mask", "box", "has_box")}, size)
@@ -585,4 +589,6 @@ def audit_shortcuts(model: torch.nn.Module, batches: Iterable[dict], methods: Se
             top = members[mass.argsort(descending=True)[:examples]]
             hot[m][name] = index_t[top].tolist()
     meta = {"n_images": seen, "accuracy": correct / seen, "has_objects": any_objects}
+    if any(method_options or {}):  # what the maps were made with (the hotspot sheets reuse it)
+        meta["method_options"] = {m: dict(o) for m, o in method_options.items() if o}
     return AuditReport(list(methods), list(class_names), signals, verdicts, suspected, hot, thresholds, meta)

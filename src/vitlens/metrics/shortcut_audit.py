@@ -31,7 +31,8 @@ def audit_checkpoint(model: torch.nn.Module, class_names: Sequence[str], mean, s
                      data_args: dict, split: str, methods: Sequence[str], out: str | Path, batch_size: int = 32,
                      limit: int | None = None, precision: str | None = None,
                      thresholds: ShortcutThresholds | None = None, examples: int = 6, use_wandb: bool = False,
-                     wandb_project: str = "vitlens", checkpoint: str = "") -> AuditReport:
+                     wandb_project: str = "vitlens", checkpoint: str = "",
+                     method_options: dict | None = None) -> AuditReport:
     """Load ``split`` of the data set ``data_args`` describes, audit it, write the report (see the module doc)."""
     from vitlens.data import ImageDataModule
 
@@ -48,7 +49,7 @@ def audit_checkpoint(model: torch.nn.Module, class_names: Sequence[str], mean, s
         dataset.transform = dm.eval_transform()
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=data_args.get("num_workers", 0))
     report = audit_shortcuts(model, loader, methods, class_names, thresholds=thresholds, limit=limit,
-                             precision=precision, examples=examples)
+                             precision=precision, examples=examples, method_options=method_options)
     report.meta.update(model=Path(checkpoint).name if checkpoint else type(model).__name__, checkpoint=str(checkpoint),
                        data=str(data_args.get("path")), split=split, methods=list(report.methods))
     write_audit(report, out, model=model, dataset=dataset, mean=mean, std=std, precision=precision)
@@ -85,7 +86,8 @@ def write_audit(report: AuditReport, out: str | Path, *, model=None, dataset=Non
                 if not indices:
                     continue
                 c = report.class_names.index(name)
-                sheet = _hotspot_sheet(model, dataset, indices, method, c, position.box[c], mean, std, precision)
+                sheet = _hotspot_sheet(model, dataset, indices, method, c, position.box[c], mean, std, precision,
+                                       report.meta.get("method_options", {}).get(method, {}))
                 file = f"hotspots.{_safe(method)}.{_safe(name)}.png"
                 save_png(sheet, out / file)
                 images[f"{method}/{name}"] = file
@@ -94,7 +96,7 @@ def write_audit(report: AuditReport, out: str | Path, *, model=None, dataset=Non
     return images
 
 
-def _hotspot_sheet(model, dataset, indices, method, label, box, mean, std, precision):
+def _hotspot_sheet(model, dataset, indices, method, label, box, mean, std, precision, options=None):
     from vitlens.data import denormalize
     from vitlens.relevance import explain_many
     from vitlens.relevance.display import caption, contact_sheet, overlay, upscale
@@ -102,7 +104,7 @@ def _hotspot_sheet(model, dataset, indices, method, label, box, mean, std, preci
     device = next(model.parameters()).device
     samples = [dataset[int(i)] for i in indices]
     images = torch.stack([s["image"] for s in samples]).to(device)
-    maps = explain_many(model, images, [method], torch.full((len(samples),), label, device=device),
+    maps = explain_many(model, images, {method: dict(options or {})}, torch.full((len(samples),), label, device=device),
                         precision=precision).maps[method].float()
     tiles = overlay(denormalize(images.cpu(), mean, std).clamp(0, 1), maps.cpu())
     h, w = tiles.shape[1:3]

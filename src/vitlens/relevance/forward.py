@@ -77,26 +77,49 @@ def embed(bb: Backbone, images: torch.Tensor) -> Embedding:
 
 @dataclass
 class BlockTrace:
-    """What one block's forward pass leaves for the relevance rules (None: not recorded)."""
+    """What one block's forward pass leaves for the relevance rules (None: not recorded).
+
+    The pre-norm block, in these names::
+
+        x            = the block input
+        qkv_input    = norm1(x)
+        qkv          = qkv Linear(qkv_input)  ->  q, k (after q/k norm), v   (B, H, N, d)
+        attn         = softmax(q k^T * scale)                                  (B, H, N, N)
+        heads        = attn @ v                                                (B, H, N, d)
+        proj_input   = attention-output norm(heads, rearranged to (B, N, H * d))
+        proj_output  = proj Linear(proj_input)
+        attn_branch  = ls1 * proj_output          (LayerScale; proj_output without it)
+        x_after_attn = x + attn_branch
+        fc1_input    = norm2(x_after_attn)
+        fc1_output   = fc1 Linear(fc1_input)
+        fc2_input    = mlp norm(activation(fc1_output))
+        fc2_output   = fc2 Linear(fc2_input)
+        mlp_branch   = ls2 * fc2_output
+        x_after_mlp  = x_after_attn + mlp_branch   (the block output)
+
+    Renamed 2026-12 (old -> new): h1 -> qkv_input, o -> proj_input, proj -> proj_output,
+    h2 -> fc1_input, f1 -> fc1_output, g -> fc2_input, f2 -> fc2_output, a -> attn_branch,
+    m -> mlp_branch, x_mid -> x_after_attn, x_out -> x_after_mlp.
+    """
 
     attn: torch.Tensor | None = None  # (B, H, N, N) softmax output
     x: torch.Tensor | None = None  # block input
-    h1: torch.Tensor | None = None  # qkv input (in the matmul dtype: see ``_record``)
+    qkv_input: torch.Tensor | None = None  # norm1 output (in the matmul dtype: see ``_record``)
     qkv: torch.Tensor | None = None  # qkv output (B, N, 3 * H * d), kept only with q/k norm
     q: torch.Tensor | None = None  # (B, H, N, d) after q_norm, unscaled
     k: torch.Tensor | None = None
     v: torch.Tensor | None = None
     heads: torch.Tensor | None = None  # (B, H, N, d) = attn @ v
-    o: torch.Tensor | None = None  # proj input (B, N, H * d), in the matmul dtype
-    proj: torch.Tensor | None = None  # proj output
-    a: torch.Tensor | None = None  # attention branch output (after LayerScale)
-    x_mid: torch.Tensor | None = None
-    h2: torch.Tensor | None = None  # fc1 input, in the matmul dtype
-    f1: torch.Tensor | None = None  # fc1 output (not kept with low-precision matmuls)
-    g: torch.Tensor | None = None  # fc2 input, in the matmul dtype
-    f2: torch.Tensor | None = None  # fc2 output
-    m: torch.Tensor | None = None  # MLP branch output (after LayerScale)
-    x_out: torch.Tensor | None = None
+    proj_input: torch.Tensor | None = None  # (B, N, H * d), in the matmul dtype
+    proj_output: torch.Tensor | None = None
+    attn_branch: torch.Tensor | None = None  # attention branch output (after LayerScale)
+    x_after_attn: torch.Tensor | None = None  # x + attn_branch
+    fc1_input: torch.Tensor | None = None  # norm2 output, in the matmul dtype
+    fc1_output: torch.Tensor | None = None  # (not kept with low-precision matmuls)
+    fc2_input: torch.Tensor | None = None  # in the matmul dtype
+    fc2_output: torch.Tensor | None = None
+    mlp_branch: torch.Tensor | None = None  # MLP branch output (after LayerScale)
+    x_after_mlp: torch.Tensor | None = None  # the block output
 
 
 def block_forward(bb: Backbone, w: BlockWeights, x: torch.Tensor, *, keep_attn: bool,
@@ -132,8 +155,9 @@ def block_forward(bb: Backbone, w: BlockWeights, x: torch.Tensor, *, keep_attn: 
     m = f2 if w.ls2 is None else f2 * w.ls2
     x_out = x_mid + m
     if keep_all:
-        _record(bb, w, t, compact, x=x, h1=h1, qkv=qkv, q=q, k=k, v=v, heads=heads, o=o, proj=proj, a=a,
-                x_mid=x_mid, h2=h2, f1=f1, g=g, f2=f2, m=m, x_out=x_out)
+        _record(bb, w, t, compact, x=x, qkv_input=h1, qkv=qkv, q=q, k=k, v=v, heads=heads, proj_input=o,
+                proj_output=proj, attn_branch=a, x_after_attn=x_mid, fc1_input=h2, fc1_output=f1, fc2_input=g,
+                fc2_output=f2, mlp_branch=m, x_after_mlp=x_out)
     return x_out, t
 
 
@@ -142,32 +166,33 @@ def _record(bb: Backbone, w: BlockWeights, t: BlockTrace, compact: bool,
     """Keep what the relevance rules read, and no more (memory: ViT-B/16 at batch 64 keeps
     ~0.6 GiB per block).
 
-    - The inputs of the Linear layers (h1, o, h2, g) are read only by the Linear rules. With
-      ``compact`` (bf16 matmuls and only the paper's rules to run) they are kept cast to the
+    - The inputs of the Linear layers (qkv_input, proj_input, fc1_input, fc2_input) are read
+      only by the Linear rules. With ``compact`` (bf16 matmuls and only the paper's rules to run) they are kept cast to the
       matmul dtype: the paper's low-precision Linear rule casts them first anyway, so the maps
       are the same at half the size. The plain rules (partial/full LRP) multiply by them in
       float32 and lose accuracy when they are rounded (partial_lrp 4.6% -> 9.8% off float64).
     - The Linear outputs are the float32/float64 Linear rule's denominators. With
-      low-precision matmuls that rule rebuilds its denominators, so qkv and f1 are dropped
-      (autograd frees f1 after the gradient pass). Without q/k norm the qkv output is q, k, v,
-      which the rule reassembles (``qkv_output``).
-    - ``heads`` is a view of ``o`` when there is no attention-output norm (o is heads
-      rearranged).
+      low-precision matmuls that rule rebuilds its denominators, so qkv and fc1_output are
+      dropped (autograd frees fc1_output after the gradient pass). Without q/k norm the qkv
+      output is q, k, v, which the rule reassembles (``qkv_output``).
+    - ``heads`` is a view of ``proj_input`` when there is no attention-output norm
+      (proj_input is heads rearranged).
     """
     low = bb.rounding
     cast = (lambda a: a.to(bb.mm_dtype)) if compact else (lambda a: a)
-    t.x, t.q, t.k, t.v, t.a, t.x_mid, t.m, t.x_out = (
-        r["x"], r["q"], r["k"], r["v"], r["a"], r["x_mid"], r["m"], r["x_out"])
-    t.proj, t.f2 = r["proj"], r["f2"]  # the same tensors as a and m without LayerScale
-    t.h1, t.h2, t.g = cast(r["h1"]), cast(r["h2"]), cast(r["g"])
-    o, heads = r["o"], r["heads"]
+    t.x, t.q, t.k, t.v, t.attn_branch, t.x_after_attn, t.mlp_branch, t.x_after_mlp = (
+        r["x"], r["q"], r["k"], r["v"], r["attn_branch"], r["x_after_attn"], r["mlp_branch"], r["x_after_mlp"])
+    # without LayerScale these are the same tensors as the branches
+    t.proj_output, t.fc2_output = r["proj_output"], r["fc2_output"]
+    t.qkv_input, t.fc1_input, t.fc2_input = cast(r["qkv_input"]), cast(r["fc1_input"]), cast(r["fc2_input"])
+    o, heads = r["proj_input"], r["heads"]
     if compact or w.attn_norm is not None:
-        t.o, t.heads = cast(o), heads
+        t.proj_input, t.heads = cast(o), heads
     else:
         B, H, N, d = heads.shape
-        t.o, t.heads = o, o.view(B, N, H, d).transpose(1, 2)
+        t.proj_input, t.heads = o, o.view(B, N, H, d).transpose(1, 2)
     if not low:
-        t.f1 = r["f1"]
+        t.fc1_output = r["fc1_output"]
         if w.q_norm is not None or w.k_norm is not None:
             t.qkv = r["qkv"]
 

@@ -268,12 +268,13 @@ def forward(bb: Backbone, rs: GradientRuleSet, images: torch.Tensor, *, gamma_li
             + rs.linear(feats[:, 1], bb.head_dist, gamma_linear)) / 2
 
 
-def relevance(bb: Backbone, rule_set: str, images: torch.Tensor, targets_fn, *,
+def relevance(bb: Backbone, rule_set: str | GradientRuleSet, images: torch.Tensor, targets_fn, *,
               gamma_linear: float, gamma_conv: float):
-    """Pixel relevance (B, H, W) of the rule set, and the logits and targets.
+    """Pixel relevance (B, H, W) of the rule set (a ``GradientRuleSet`` or a name in
+    ``RULE_SETS``), and the logits and targets.
 
     ``targets_fn(logits) -> (B,) classes`` picks the explained class from this pass's logits."""
-    rs = RULE_SETS[rule_set]
+    rs = RULE_SETS[rule_set] if isinstance(rule_set, str) else rule_set
     x = images.detach().requires_grad_(True)
     logits = forward(bb, rs, x, gamma_linear=gamma_linear, gamma_conv=gamma_conv)
     t = targets_fn(logits.detach())

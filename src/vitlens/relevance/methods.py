@@ -1,9 +1,12 @@
 """``explain()`` / ``explain_many()``: relevance maps for timm Vision Transformers, batched.
 
-One recorded forward pass, at most one ``torch.autograd.grad`` call (with respect to the
-attention matrices only, never into parameters) and at most one relevance pass per rule set
-serve every requested method. Blocks below the lowest layer a method needs run without
-autograd and with fused attention. See ``docs/relevance.md``.
+The planner: it knows no method by name. Each method declares what it reads
+(``registry.Needs``); per request one recorded forward pass, at most one
+``torch.autograd.grad`` call (with respect to the attention matrices only, never into
+parameters) and at most one relevance pass per explicit rule set serve every requested
+method, and each Gradient x Input method gets its own forward/backward. Blocks below the
+lowest layer a method needs run without autograd and with fused attention. See
+``docs/relevance.md``.
 """
 from __future__ import annotations
 
@@ -14,52 +17,13 @@ from typing import Mapping, NamedTuple, Sequence
 import torch
 import torch.nn as nn
 
-from vitlens.relevance import lrp_gradient, rules
-from vitlens.relevance import families
+from vitlens.relevance import families, lrp_gradient, registry
 from vitlens.relevance.forward import forward
 from vitlens.relevance.precision import PRECISIONS, Precision, float32_precision, plan as precision_plan
+from vitlens.relevance.registry import METHODS, Needs, Records, get_method
 from vitlens.relevance.weights import Backbone
 
-METHODS = (
-    "transformer_attribution",
-    "grad_rollout",
-    "rollout",
-    "raw_attention",
-    "attn_gradcam",
-    "partial_lrp",
-    "full_lrp",
-    "lrp_rollout",
-    "attnlrp",
-    "cp_lrp",
-    "random",
-)
-
-# option name -> default, per method
-_OPTIONS = {
-    "transformer_attribution": {"start_layer": 1},
-    "grad_rollout": {"start_layer": 0},
-    "rollout": {"start_layer": 1},
-    "lrp_rollout": {"start_layer": 0},
-    "random": {"seed": 0},
-    "attnlrp": {"gamma_linear": 0.05, "gamma_conv": 0.25, "resolution": "pixel"},
-    "cp_lrp": {"gamma_linear": 0.05, "gamma_conv": 0.25, "resolution": "pixel"},
-}
-
-# Methods whose float32 maps are computed in float64 (their records too): the bare z-rules of
-# full_lrp and the paper rules' lrp_rollout divide by pre-activations and residual sums that
-# cancel to ~1e-5 of their terms, so float32 rounding of the forward pass (1e-7 relative)
-# moved their maps by up to 40% (full_lrp) / 17% (lrp_rollout) / 0.5% (partial_lrp) of the
-# map's max on a trained toy-birds ViT (32 val images); no stabiliser that keeps the authors'
-# float64 maps (1e-8) cures that. In float64 they are within 6e-8 of the float64 maps.
-# transformer_attribution reads the same paper rules (the residual z-rule): 1.3e-4 off on
-# real images, but 0.9% on random inputs to the seeded test ViT (4% in the issue's run); it
-# stays in float32 (float64 would double its memory: ViT-B/16 batch 64 > 12 GiB) - open.
-_FLOAT64_IN_FLOAT32 = frozenset({"full_lrp", "lrp_rollout", "partial_lrp"})
-
-# methods that are one Gradient x Input pass of a rule set (``lrp_gradient.RULE_SETS``):
-# method name -> rule set name
-_GRADIENT_FORM = {"attnlrp": "attnlrp", "cp_lrp": "cp_lrp"}
-
+__all__ = ["METHODS", "PRECISIONS", "Explanation", "Explanations", "explain", "explain_many"]
 
 class Explanation(NamedTuple):
     """``explain(..., return_logits=True)``: the map, the logits of the same forward pass and
@@ -90,7 +54,7 @@ def explain(model: nn.Module, images: torch.Tensor, method: str = "transformer_a
         model: a timm VisionTransformer (ViT, DeiT incl. distilled, MAE-style average pooling,
             register tokens) or a module whose ``.model`` is one (``ViTClassifier``).
         images: normalised batch ``(B, 3, H, W)`` on the model's device.
-        method: one of ``METHODS``.
+        method: one of ``METHODS`` (the registered methods, ``register_method``).
         targets: ``None`` (the predicted class), an int, or one class per image.
         precision: ``None`` (the model's dtype), ``"float64"``, ``"float32"``, ``"tf32"``
             (TF32 matmuls on Ampere+ GPUs; float32 elsewhere) or ``"bf16"`` (bfloat16
@@ -102,9 +66,11 @@ def explain(model: nn.Module, images: torch.Tensor, method: str = "transformer_a
             pass rounded too, so the explained (predicted) class can differ in near-ties.
         return_logits: return an ``Explanation(relevance, logits, targets)`` instead of the
             map: the logits come from the same forward pass.
-        **options: ``start_layer`` (transformer_attribution: 1, rollout: 1, lrp_rollout: 0,
-            grad_rollout: 0), ``seed`` (random: 0), ``gamma_linear`` (0.05), ``gamma_conv``
-            (0.25) and ``resolution`` (``"pixel"`` | ``"patch"``) for attnlrp / cp_lrp.
+        **options: the method's options (``registry.Method.options``; ``python explain.py
+            methods`` lists every method's): for the built-ins ``start_layer``
+            (transformer_attribution: 1, rollout: 1, lrp_rollout: 0, grad_rollout: 0), ``seed``
+            (random: 0), ``gamma_linear`` (0.05), ``gamma_conv`` (0.25) and ``resolution``
+            (``"pixel"`` | ``"patch"``) for attnlrp / cp_lrp.
 
     The model is left exactly as found (modes, flags, hooks, gradients); works under
     ``torch.no_grad()`` and ``torch.inference_mode()``.
@@ -135,10 +101,10 @@ def explain_many(model: nn.Module, images: torch.Tensor,
         bb = families.read(vit, dtype=plan.dtype, mm_dtype=plan.mm_dtype, rounding=plan.rounding,
                            tf32=plan.tf32)
         checked = _check_images(images, bb, vit)
-        wide = {m: o for m, o in requested.items() if m in _FLOAT64_IN_FLOAT32}
+        wide = {m: o for m, o in requested.items() if get_method(m).float64_in_float32}
         if plan != Precision(torch.float32, torch.float32, False, False) or not wide:
             return _run(bb, checked, requested, targets, plan)
-        # float32: the bare z-rule methods run in float64 (see _FLOAT64_IN_FLOAT32)
+        # float32: the bare z-rule methods run in float64 (``Method.float64_in_float32``)
         maps, logits, t = {}, None, None
         rest = {m: o for m, o in requested.items() if m not in wide}
         if rest:
@@ -164,9 +130,7 @@ def _check_methods(methods) -> dict[str, dict]:
     items = methods.items() if isinstance(methods, Mapping) else ((m, {}) for m in methods)
     requested = {}
     for name, opts in items:
-        if name not in METHODS:
-            raise ValueError(f"unknown relevance method {name!r}; choose one of {', '.join(METHODS)}")
-        allowed = _OPTIONS.get(name, {})
+        allowed = get_method(name).defaults()
         unknown = set(opts) - set(allowed)
         if unknown:
             raise TypeError(
@@ -177,6 +141,30 @@ def _check_methods(methods) -> dict[str, dict]:
     if not requested:
         raise ValueError(f"no relevance method requested; choose from {', '.join(METHODS)}")
     return requested
+
+
+def _check_options(req: dict[str, dict], depth: int) -> dict[str, Needs]:
+    """Every option's check, then what each method needs (for a model of ``depth`` blocks)."""
+    needs = {}
+    for name, opts in req.items():
+        method = get_method(name)
+        for key, option in method.options.items():
+            problem = option.check(opts[key], depth) if option.check is not None else None
+            if problem:
+                raise ValueError(f"{name}: {problem}")
+        n = method.needs(opts, depth)
+        if n.relevance is not None:
+            if n.relevance not in registry.RULE_SETS:
+                raise ValueError(f"method {name!r} needs the rule set {n.relevance!r}, which is not registered; "
+                                 f"registered: {', '.join(registry.RULE_SETS)}")
+            if n.relevance_from is None:  # the top block only, or every block on the way to the input
+                n = n._replace(relevance_from=0 if n.to_input else depth - 1)
+        needs[name] = n
+    return needs
+
+
+def _gradient_form(n: Needs) -> bool:
+    return n.relevance is not None and registry.RULE_SETS[n.relevance].form == "gradient"
 
 
 def _check_images(images, bb: Backbone, vit) -> torch.Tensor:
@@ -230,59 +218,55 @@ def _targets(targets, logits: torch.Tensor) -> torch.Tensor:
 def _run(bb: Backbone, images: torch.Tensor, req: dict[str, dict], targets,
          plan: Precision) -> Explanations:
     """The recorded pass for the record-reading methods, then one Gradient x Input pass per
-    rule-set method (its own forward/backward: the rules live in the backward)."""
-    grad_form = {m: o for m, o in req.items() if m in _GRADIENT_FORM}
-    for name, o in grad_form.items():
-        if o["resolution"] not in ("pixel", "patch"):
-            raise ValueError(f"{name}: resolution must be 'pixel' or 'patch', got {o['resolution']!r}")
-        for g in ("gamma_linear", "gamma_conv"):
-            if not isinstance(o[g], numbers.Real) or o[g] < 0:
-                raise ValueError(f"{name}: {g} must be a number >= 0, got {o[g]!r}")
+    gradient-form method (its own forward/backward: the rules live in the backward)."""
+    needs = _check_options(req, len(bb.blocks))
+    grad_form = {m: o for m, o in req.items() if _gradient_form(needs[m])}
     rest = {m: o for m, o in req.items() if m not in grad_form}
     maps, logits, t = {}, None, None
     if rest:
-        out = _run_records(bb, images, rest, targets, plan)
+        out = _run_records(bb, images, rest, {m: needs[m] for m in rest}, targets, plan)
         maps, logits, t = dict(out.maps), out.logits, out.targets
     with float32_precision(False):
         for name, o in grad_form.items():
+            rs = registry.RULE_SETS[needs[name].relevance].gradient
             fixed = t
             r, lg, tt = lrp_gradient.relevance(
-                bb, _GRADIENT_FORM[name], images,
+                bb, rs, images,
                 (lambda l: _targets(targets, l)) if fixed is None else (lambda l: fixed),
-                gamma_linear=float(o["gamma_linear"]), gamma_conv=float(o["gamma_conv"]))
+                gamma_linear=float(o[rs.linear_gamma_option]), gamma_conv=float(o[rs.conv_gamma_option]))
             if logits is None:
                 logits, t = lg, tt
-            H, W = images.shape[-2:]
-            r = r[:, :H, :W]
-            maps[name] = lrp_gradient.patch_grid(r, bb.patch_size) if o["resolution"] == "patch" else r
+            rec = Records(bb, images, t, input_relevance=r)
+            maps[name] = get_method(name).readout(rec, o, None)
     return Explanations({m: maps[m].detach() for m in req}, logits, t)
 
 
-def _run_records(bb: Backbone, images: torch.Tensor, req: dict[str, dict], targets,
-                 plan: Precision) -> Explanations:
+def _lowest(values, default: int) -> int:
+    return min((v for v in values if v is not None), default=default)
+
+
+def _run_records(bb: Backbone, images: torch.Tensor, req: dict[str, dict], needs: dict[str, Needs],
+                 targets, plan: Precision) -> Explanations:
     L = len(bb.blocks)
-    for name, opts in req.items():
-        s = opts.get("start_layer")
-        if s is not None and not (isinstance(s, numbers.Integral) and 0 <= s < L):
-            raise ValueError(f"{name}: start_layer must be an int in [0, {L - 1}], got {s!r}")
-    start = {m: o.get("start_layer") for m, o in req.items()}
-    # lowest block each kind of record is needed from
-    grad_from = min([start[m] for m in ("transformer_attribution", "grad_rollout") if m in req]
-                    + ([L - 1] if "attn_gradcam" in req else []), default=L)
-    paper_from = min([start[m] for m in ("transformer_attribution", "lrp_rollout") if m in req], default=L)
-    plain_from = min(([0] if "full_lrp" in req else []) + ([L - 1] if "partial_lrp" in req else []),
-                     default=L)
-    attn_from = min([start[m] for m in ("rollout", "grad_rollout") if m in req]
-                    + ([L - 1] if {"raw_attention", "attn_gradcam"} & req.keys() else []), default=L)
-    lrp_from = min(paper_from, plain_from)
+    methods = {m: get_method(m) for m in req}
+    # the explicit relevance passes, in rule-set registration order: rule set -> lowest block
+    passes = {}
+    for name, rs in registry.RULE_SETS.items():
+        users = [m for m in req if needs[m].relevance == name]
+        if users:
+            to_input = any(needs[m].to_input for m in users)
+            passes[name] = 0 if to_input else _lowest((needs[m].relevance_from for m in users), L - 1)
+    grad_from = _lowest((n.gradients for n in needs.values()), L)
+    attn_from = _lowest((n.attention for n in needs.values()), L)
+    lrp_from = min(passes.values(), default=L)
 
     # The LRP rules read the forward's records as denominators: then the forward runs in full
     # precision. Without them (attention and gradient methods) it may round like the rules.
     fast = plan.rounding and lrp_from == L
+    compact = bb.mm_dtype != bb.dtype and all(registry.RULE_SETS[r].compact_records for r in passes)
     with float32_precision(plan.tf32 and fast):
         trace = forward(bb, images, attn_from=min(attn_from, lrp_from), lrp_from=lrp_from,
-                        grad_from=grad_from, fast=fast,
-                        compact=bb.mm_dtype != bb.dtype and plain_from == L)
+                        grad_from=grad_from, fast=fast, compact=compact)
     logits = trace.logits.detach()
     t = _targets(targets, logits)
     grads = {}
@@ -297,95 +281,45 @@ def _run_records(bb: Backbone, images: torch.Tensor, req: dict[str, dict], targe
         del dA, selected
 
     maps: dict[str, torch.Tensor] = {}
-    block_rule = getattr(bb.family, "block_rule", None) or rules.block_rule
-    p = bb.num_prefix_tokens
-    gh, gw = trace.embedding.grid
-    B = images.shape[0]
-
-    def grid(row):  # (B, N) readout row -> (B, gh, gw) patch map
-        return row[:, p:].reshape(B, gh, gw)
-
-    def chain(r, layers):  # r @ (I + M_top) ... (I + M_bottom), top-down, vector form
-        for M in layers:
-            r = r + torch.bmm(r[:, None], M)[:, 0]
-        return r
-
+    rec = Records(bb, images, t, trace=trace, gradients=grads)
     with torch.no_grad(), float32_precision(plan.tf32):
         for blk in trace.blocks:  # attention matrices are used as values from here on
             if blk.attn is not None:
                 blk.attn = blk.attn.detach()
-        pool_r = rules.pooling_readout(bb, trace)
-        if "raw_attention" in req:
-            maps["raw_attention"] = grid(torch.bmm(pool_r[:, None], trace.blocks[-1].attn.mean(1))[:, 0])
-        if "attn_gradcam" in req:
-            A, G = trace.blocks[-1].attn, grads[L - 1]
-            a_row = torch.einsum("bn,bhnm->bhm", pool_r, A)[..., p:]
-            g_row = torch.einsum("bn,bhnm->bhm", pool_r, G)[..., p:]
-            cam = (g_row.mean(-1, keepdim=True) * a_row).mean(1).clamp(min=0)
-            maps["attn_gradcam"] = cam.reshape(B, gh, gw)
-        if "rollout" in req:
-            r = pool_r
-            for i in reversed(range(start["rollout"], L)):
-                Abar = trace.blocks[i].attn.mean(1)
-                r = r / (1 + Abar.sum(-1))  # rows of I + Abar normalised to sum 1
-                r = chain(r, [Abar])
-            maps["rollout"] = grid(r)
-        if "grad_rollout" in req:
-            s = start["grad_rollout"]
-            r = chain(pool_r, ((grads[i] * trace.blocks[i].attn).clamp(min=0).mean(1)
-                               for i in reversed(range(s, L))))
-            maps["grad_rollout"] = grid(r)
+        # methods without a relevance pass read the records first (passes consume them)
+        for m, method in methods.items():
+            if needs[m].relevance is None:
+                maps[m] = method.readout(rec, req[m], None)
         # the head gives relevance to the pooled tokens only: under class-token pooling the top
         # block's relevance pass runs on its first rows only (low-precision matmuls only, so
         # that float32 / float64 maps keep their exact rounding)
         top_rows = {"token": 1, "distilled": 2}.get(bb.pool) if bb.rounding else None
-        if paper_from < L:
-            R, readout = rules.head_rule(bb, trace, t)
-            r_ta = readout if "transformer_attribution" in req else None
-            r_lr = readout if "lrp_rollout" in req else None
-            for i in reversed(range(paper_from, L)):
-                R, R_attn = block_rule(bb, bb.blocks[i], trace.blocks[i], R,
-                                             to_input=i > paper_from,
-                                             rows=top_rows if i == L - 1 else None)
-                if r_ta is not None and i >= start["transformer_attribution"]:
-                    r_ta = chain(r_ta, [grads.pop(i).mul_(R_attn).clamp_(min=0).mean(1)])
-                if r_lr is not None and i >= start["lrp_rollout"]:
-                    r_lr = chain(r_lr, [R_attn.clamp(min=0).mean(1)])
+        order = list(passes)
+        for k, name in enumerate(order):
+            if not any(needs[m].gradients is not None for p in order[k:] for m in req
+                       if needs[m].relevance == p):
+                grads.clear()  # no pass from here on reads them
+            rs, lowest = registry.RULE_SETS[name], passes[name]
+            users = {m: needs[m] for m in req if needs[m].relevance == name}
+            keep_below = min((passes[p] for p in order[k + 1:]), default=L)  # a later pass reads these
+            to_input = any(n.to_input for n in users.values())
+            state = dict.fromkeys(users)
+            R, rec.pass_readout = rs.head(bb, trace, t)
+            for i in reversed(range(lowest, L)):
+                R, R_attn = rs.block(bb, bb.blocks[i], trace.blocks[i], R, to_input=i > lowest or to_input,
+                                     rows=top_rows if i == L - 1 else None)
+                for m, n in users.items():
+                    if methods[m].on_block is not None and i >= n.relevance_from:
+                        state[m] = methods[m].on_block(rec, req[m], state[m], i, R_attn)
                 del R_attn
-                if i < plain_from:
+                if i < keep_below:
                     trace.blocks[i] = None  # free what no later pass needs
-            if r_ta is not None:
-                maps["transformer_attribution"] = grid(r_ta)
-            if r_lr is not None:
-                maps["lrp_rollout"] = grid(r_lr)
+            if to_input:
+                rec.input_relevance = rs.patch_embedding(bb, trace, R)
             del R
+            for m in users:
+                maps[m] = methods[m].readout(rec, req[m], state[m])
+            rec.pass_readout = rec.input_relevance = None
         grads.clear()
-        if plain_from < L:
-            R, readout = rules.head_rule(bb, trace, t, plain=True)
-            for i in reversed(range(plain_from, L)):
-                full = "full_lrp" in req
-                R, R_attn = block_rule(bb, bb.blocks[i], trace.blocks[i], R, plain=True,
-                                             to_input=full, rows=top_rows if i == L - 1 else None)
-                if i == L - 1 and "partial_lrp" in req:
-                    row = torch.bmm(readout[:, None], R_attn.clamp(min=0).mean(1))[:, 0]
-                    maps["partial_lrp"] = grid(row)
-                del R_attn
-                trace.blocks[i] = None
-                if not full:
-                    break
-            if "full_lrp" in req:
-                with bb.exact():  # cheap, and its z^B denominators can cancel
-                    R = rules.patch_embedding_rule(bb, trace, R)  # norm_pre: identity
-                H, W = images.shape[-2:]
-                maps["full_lrp"] = R[:, :H, :W]
-        if "random" in req:
-            # drawn on the images' device (a host-to-GPU copy would synchronise), so the same
-            # seed gives different noise on CPU and GPU; a meta device has no generator
-            dev = images.device
-            if dev.type == "meta":
-                maps["random"] = torch.empty((B, gh, gw), dtype=bb.dtype, device=dev)
-            else:
-                g = torch.Generator(device=dev).manual_seed(int(req["random"]["seed"]))
-                maps["random"] = torch.rand((B, gh, gw), generator=g, dtype=bb.dtype, device=dev)
     ordered = {m: maps[m].detach() for m in req}
     return Explanations(ordered, logits, t)

@@ -139,14 +139,14 @@ def block_rule(bb: Backbone, w: BlockWeights, t: BlockTrace, R: torch.Tensor, *,
 
     R = top(R)
     # 1. MLP branch
-    R_mid, R_m = residual_rule(top(t.x_mid), top(t.m), top(t.x_out), R, plain=plain)
-    R_g = linear_rule(bb, w.fc2, top(t.g), R_m, top(t.f2), plain=plain)  # LayerScale: identity
-    R_h2 = linear_rule(bb, w.fc1, top(t.h2), R_g, top(t.f1), plain=plain)  # mlp norm, GELU: identity
-    R_mid = fork_rule(top(t.x_mid), R_mid, R_h2)  # LayerNorm 2: identity
+    R_mid, R_m = residual_rule(top(t.x_after_attn), top(t.mlp_branch), top(t.x_after_mlp), R, plain=plain)
+    R_g = linear_rule(bb, w.fc2, top(t.fc2_input), R_m, top(t.fc2_output), plain=plain)  # LayerScale: identity
+    R_h2 = linear_rule(bb, w.fc1, top(t.fc1_input), R_g, top(t.fc1_output), plain=plain)  # mlp norm, GELU: identity
+    R_mid = fork_rule(top(t.x_after_attn), R_mid, R_h2)  # LayerNorm 2: identity
     del R_m, R_g, R_h2
     # 2. attention branch
-    R_x, R_a = residual_rule(top(t.x), top(t.a), top(t.x_mid), R_mid, plain=plain)
-    R_o = linear_rule(bb, w.proj, top(t.o), R_a, top(t.proj), plain=plain)  # attention-output norm: identity
+    R_x, R_a = residual_rule(top(t.x), top(t.attn_branch), top(t.x_after_attn), R_mid, plain=plain)
+    R_o = linear_rule(bb, w.proj, top(t.proj_input), R_a, top(t.proj_output), plain=plain)  # attention-output norm: identity
     R_heads = R_o.view(B, n, H, d).transpose(1, 2)
     del R_mid, R_a, R_o
     # 3. heads = attn @ v: z-rule to both operands, both halved. The z-rule denominators that
@@ -194,7 +194,7 @@ def block_rule(bb: Backbone, w: BlockWeights, t: BlockTrace, R: torch.Tensor, *,
     del S, zero, R_attn
     R_qkv = R_qkv.view(B, N, -1)
     qkv = None if plain or low else qkv_output(t)  # only the float Linear rule reads it
-    R_h1 = linear_rule(bb, w.qkv, t.h1, R_qkv, qkv, plain=plain)  # q/k norm, norm1: identity
+    R_h1 = linear_rule(bb, w.qkv, t.qkv_input, R_qkv, qkv, plain=plain)  # q/k norm, norm1: identity
     del qkv
     if n < N:
         R_x = torch.cat([R_x, R_x.new_zeros(B, N - n, R_x.shape[-1])], dim=1)

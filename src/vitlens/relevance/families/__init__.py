@@ -26,7 +26,7 @@ class Family:
     - ``read(model, *, dtype, mm_dtype, rounding, tf32) -> Backbone``: detached weights, cast;
       raises ``UnsupportedModelError`` naming the part it cannot explain.
     - ``block_forward``: ``(bb, w, x, *, keep_attn, keep_all, fast, compact) ->
-      (x_out, BlockTrace)``; ``None``: the pre-norm ViT block (``forward.block_forward``).
+      (block output, BlockTrace)``; ``None``: the pre-norm ViT block (``forward.block_forward``).
     - ``block_rule``: the explicit-rule relevance pass through one block (Chefer / plain
       LRP), same signature as ``rules.block_rule``; ``None``: ``rules.block_rule``.
     - ``gradient_block_forward``: one block in the Gradient x Input form (AttnLRP, CP-LRP),
