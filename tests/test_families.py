@@ -28,10 +28,9 @@ FAMILIES = {
     "swin_tiny_patch4_window7_224": (dict(patch_size=2, window_size=4, embed_dim=16, depths=(1, 2), num_heads=(1, 2)), 32),
 }
 EXPLAINED = ["vit_small_patch14_dinov2", "vit_small_patch14_reg4_dinov2", "vit_base_patch16_clip_224",
-             "vit_base_patch16_clip_quickgelu_224"]
+             "vit_base_patch16_clip_quickgelu_224", "vit_base_patch16_siglip_224"]
 NOT_EXPLAINED = {  # name -> what the error names
     "eva02_tiny_patch14_224": "Eva",
-    "vit_base_patch16_siglip_224": "global_pool='map'",
     "swin_tiny_patch4_window7_224": "SwinTransformer",
 }
 DETERMINISTIC = [m for m in METHODS if m != "random"]
