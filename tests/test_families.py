@@ -28,9 +28,8 @@ FAMILIES = {
     "swin_tiny_patch4_window7_224": (dict(patch_size=2, window_size=4, embed_dim=16, depths=(1, 2), num_heads=(1, 2)), 32),
 }
 EXPLAINED = ["vit_small_patch14_dinov2", "vit_small_patch14_reg4_dinov2", "vit_base_patch16_clip_224",
-             "vit_base_patch16_clip_quickgelu_224", "vit_base_patch16_siglip_224"]
+             "vit_base_patch16_clip_quickgelu_224", "vit_base_patch16_siglip_224", "eva02_tiny_patch14_224"]
 NOT_EXPLAINED = {  # name -> what the error names
-    "eva02_tiny_patch14_224": "Eva",
     "swin_tiny_patch4_window7_224": "SwinTransformer",
 }
 DETERMINISTIC = [m for m in METHODS if m != "random"]
@@ -254,3 +253,89 @@ def test_a_failing_timm_filter_still_gives_the_key_listing():
     assert "\n" not in message
     assert "unexpected keys ['layers.7.blocks.0.attn.relative_position_bias_table']" in message
     assert "timm's timm.models.swin_transformer.checkpoint_filter_fn failed" in message
+
+
+# ---------------------------------------------------------------- conservation
+# The paper's rules (transformer_attribution, lrp_rollout) conserve relevance through every
+# layer: the Linear rule (alpha 1, beta 0, bias ignored), the rescaled residual rule, the
+# halved z-rules of attn @ v and q k^T, the identity rules of LayerNorm / GELU / SiLU, the
+# uniform rule of SwiGLU's product and the z-rule of the (bias-free) rotary map. Only the
+# attention pool leaks: the half of its score relevance that reaches the latent's query goes
+# to the latent (a parameter, like a bias), i.e. a quarter of everything (1/2 of heads -> attn,
+# 1/2 of that -> q). Bound: the 1e-9 stabilisers of the z-rule denominators (relative 1e-9 /
+# |z| per layer): 1e-8 for DINOv2, 5e-6 for EVA-02, whose average pooling divides by token
+# means of ~1e-4 in these random models; 1e-5 here.
+CONSERVED_BY_PAPER_RULES = {"map": 0.75}  # pool kind -> share reaching the tokens (else 1)
+
+
+def _zero_additive_constants(model):
+    """Every bias, LayerNorm shift, position embedding and prefix token set to 0: these are
+    the terms that absorb relevance in the Gradient x Input rule sets (x * grad of a constant
+    is lost); without them a conservative rule set conserves the logit exactly."""
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("bias") or "pos_embed" in n or "token" in n:
+                p.zero_()
+    return model
+
+
+@pytest.mark.parametrize("name", EXPLAINED)
+def test_explained_family_conserves_relevance_in_float64(name, monkeypatch):
+    from vitlens.relevance import families, lrp_gradient, rules
+    from vitlens.relevance.forward import forward
+
+    model, size = family_model(name)
+    torch.manual_seed(2)
+    x = torch.randn(2, 3, size, size, dtype=torch.float64)
+    targets = torch.tensor([2, 1])
+    bb = families.read(model, dtype=torch.float64, mm_dtype=torch.float64)
+    L = len(bb.blocks)
+    trace = forward(bb, x, attn_from=0, lrp_from=0, grad_from=L)
+    R, readout = rules.head_rule(bb, trace, targets)
+    # the readout weights sum to 1 and sit on the pooled tokens
+    assert torch.allclose(readout.sum(-1), torch.ones(2, dtype=torch.float64), atol=1e-6)
+    outside = torch.ones(readout.shape[1], dtype=torch.bool)
+    outside[rules.pooled_tokens(bb, readout.shape[1])] = False
+    assert (readout[:, outside] == 0).all()
+    share = CONSERVED_BY_PAPER_RULES.get(bb.pool, 1.0)
+    assert torch.allclose(R.sum((1, 2)), torch.full((2,), share, dtype=torch.float64), rtol=0, atol=1e-5)
+    block_rule = bb.family.block_rule or rules.block_rule
+    for i in reversed(range(L)):
+        R, _ = block_rule(bb, bb.blocks[i], trace.blocks[i], R)
+    assert torch.allclose(R.sum((1, 2)), torch.full((2,), share, dtype=torch.float64), rtol=0, atol=1e-5)
+
+    # CP-LRP with gamma 0 (z-rule Linear layers, no relevance through the attention scores)
+    # conserves the explained logit once nothing additive can absorb relevance. The slack is
+    # zennit's stabiliser of the z-rule denominators: each unit keeps y / (y + 1e-6) of its
+    # relevance, 0.05% (DINOv2) to 1.5% (EVA-02, whose logits here are ~1e-4) of these random
+    # models' logits; with it at 1e-12 what is left is LXT's 1e-10 input stabiliser.
+    # (AttnLRP does not conserve: its softmax rule, Gradient x Input of the softmax, leaks.)
+    monkeypatch.setattr(lrp_gradient, "ZENNIT_EPS", 1e-12)
+    _zero_additive_constants(model)
+    out = explain_many(model, x, {"cp_lrp": dict(gamma_linear=0.0, gamma_conv=0.0)}, targets)
+    logit = model(x).gather(1, targets[:, None])[:, 0].detach()
+    total = out.maps["cp_lrp"].sum((1, 2))
+    assert torch.allclose(total, logit, rtol=1e-6, atol=0), (total, logit)
+
+
+def test_eva_rotary_rule_is_the_z_rule_of_the_rotation():
+    """The Chefer rule through the rotary map equals x * d(S . rope(x))/dx (the z-rule of a
+    bias-free linear map) and conserves."""
+    from vitlens.relevance import families, rules
+    from vitlens.relevance.families import eva
+
+    model, size = family_model("eva02_tiny_patch14_224")
+    bb = families.read(model, dtype=torch.float64, mm_dtype=torch.float64)
+    B, H, N, d = 2, bb.blocks[0].num_heads, bb.num_prefix_tokens + bb.rope_sin.shape[0], bb.blocks[0].head_dim
+    torch.manual_seed(3)
+    pre = torch.randn(B, H, N, d, dtype=torch.float64, requires_grad=True)
+    post = eva.rope(bb, pre)
+    R = torch.randn(B, H, N, d, dtype=torch.float64)
+    (grad,) = torch.autograd.grad((post * rules.sdiv(R, post.detach())).sum(), pre)
+    t = eva.EvaBlockTrace(q=post.detach(), k=post.detach(), q_pre=pre.detach(), k_pre=pre.detach())
+    R_q, R_k = R.clone(), R.clone()
+    eva.rope_rule(bb, t, R_q, R_k)
+    p = bb.num_prefix_tokens
+    assert torch.allclose(R_q[:, :, p:], (pre.detach() * grad)[:, :, p:], rtol=1e-12, atol=1e-14)
+    assert torch.equal(R_q[:, :, :p], R[:, :, :p])  # the prefix tokens are not rotated
+    assert torch.allclose(R_q.sum((2, 3)), R.sum((2, 3)), rtol=1e-6)  # the 1e-9 stabiliser
