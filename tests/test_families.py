@@ -372,3 +372,16 @@ def test_eva_layouts_give_the_models_logits_and_conserve(layout, monkeypatch):
         R, _ = bb.family.block_rule(bb, bb.blocks[i], trace.blocks[i], R)
     share = CONSERVED_BY_PAPER_RULES.get(bb.pool, 1.0)
     assert torch.allclose(R.sum((1, 2)), torch.full((2,), share, dtype=torch.float64), rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["vit_base_patch16_siglip_224", "eva02_tiny_patch14_224"])
+def test_preflight_dry_run_passes_every_method_on_siglip_and_eva(name, tiny_dataset_dir):
+    """preflight runs each of the callback's methods once on the model: SigLIP and EVA-02 used
+    to be refused there (UnsupportedModelError) and now pass with every method."""
+    from vitlens.callbacks import ExplanationCallback
+    from vitlens.preflight import preflight
+
+    kwargs, size = FAMILIES[name]
+    model = ViTClassifier(backbone=name, class_names=TINY_CLASSES, img_size=size, backbone_kwargs=kwargs)
+    data = tiny_datamodule(tiny_dataset_dir, image_size=size, backbone=name)
+    preflight(data, model, [ExplanationCallback(methods=list(METHODS), num_samples=2, perturbation_samples=2)])
