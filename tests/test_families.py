@@ -1,8 +1,8 @@
 """The timm families people fine-tune today (issue 10), each as a small seeded model built
 with timm's own constructor (no download): it trains a step through ViTClassifier with a real
 Trainer, loads checkpoints in its original key layout through timm's checkpoint_filter_fn, and
-is explained by every relevance method (DINOv2, CLIP) or refused with a clear
-UnsupportedModelError (EVA-02, SigLIP, Swin)."""
+is explained by every relevance method (DINOv2, CLIP, SigLIP, EVA-02: logits, batching, targets,
+the model untouched, conservation) or refused with a clear UnsupportedModelError (Swin)."""
 from __future__ import annotations
 
 import re
