@@ -61,8 +61,7 @@ def test_shipped_config_parses(config, parsed_configs):
         assert data["random_erasing"] == 0.25
         assert 0 < model["layer_decay"] < 1 and model["mixup_alpha"] == 0.8
         callbacks = [c["class_path"] for c in trainer.get("callbacks") or []]
-        explained = "vitlens.callbacks.ExplanationCallback" in callbacks
-        assert explained == (not model["backbone"].startswith("eva02")), config  # EVA-02 is trained only
+        assert "vitlens.callbacks.ExplanationCallback" in callbacks, config  # every family is explained
     if config in ("cub200_dinov2_vitb14.yaml", "cub200_eva02_base.yaml"):
         assert resolved["model"]["weights"].startswith("weights/")  # a local file, no download
 
