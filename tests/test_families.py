@@ -385,3 +385,17 @@ def test_preflight_dry_run_passes_every_method_on_siglip_and_eva(name, tiny_data
     model = ViTClassifier(backbone=name, class_names=TINY_CLASSES, img_size=size, backbone_kwargs=kwargs)
     data = tiny_datamodule(tiny_dataset_dir, image_size=size, backbone=name)
     preflight(data, model, [ExplanationCallback(methods=list(METHODS), num_samples=2, perturbation_samples=2)])
+
+
+@pytest.mark.parametrize("extra, names", [
+    (dict(dynamic_img_size=True), "dynamic_img_size=True"),
+    (dict(use_post_norm=True), "blocks.0 is a EvaBlockPostNorm"),
+    (dict(swiglu_mlp=False), "blocks.0.mlp is a Mlp with GELU"),
+    (dict(attn_type="rope"), "blocks.0.attn is a AttentionRope"),
+    (dict(global_pool="max"), "global_pool='max'"),
+])
+def test_eva_layouts_without_rules_are_a_clear_error(extra, names):
+    model, size = family_model("eva02_tiny_patch14_224", **extra)
+    with pytest.raises(UnsupportedModelError) as err:
+        explain_many(model, torch.randn(1, 3, size, size, dtype=torch.float64), ["transformer_attribution"])
+    assert names in str(err.value) and "\n" not in str(err.value)
