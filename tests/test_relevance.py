@@ -199,8 +199,8 @@ def test_unsupported_models_get_a_clear_error():
                              embed_dim=16, depths=(1, 1), num_heads=(1, 1), num_classes=3)
     with pytest.raises(UnsupportedModelError, match="SwinTransformer"):
         explain(swin, torch.randn(1, 3, 32, 32))
-    with pytest.raises(UnsupportedModelError, match="global_pool='map'"):
-        explain(tiny_vit(class_token=False, global_pool="map"), torch.randn(1, 3, 32, 32))
+    with pytest.raises(UnsupportedModelError, match="global_pool='avgmax'"):  # 'map' is explained now
+        explain(tiny_vit(class_token=False, global_pool="avgmax"), torch.randn(1, 3, 32, 32))
     with pytest.raises(UnsupportedModelError, match=r"blocks\.0\.mlp\.act is a SiLU"):
         explain(tiny_vit(act_layer=nn.SiLU), torch.randn(1, 3, 32, 32))
 

@@ -14,15 +14,17 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from vitlens.relevance.weights import Backbone, BlockWeights, Norm
+from vitlens.relevance.weights import AttentionPoolWeights, Backbone, BlockWeights, Norm
 
 
 
 def gelu(x: torch.Tensor, approximate: str) -> torch.Tensor:
-    """The MLP activation: GELU (``approximate`` "none" / "tanh") or OpenAI CLIP's QuickGELU
-    (``"quick"``: ``x * sigmoid(1.702 x)``)."""
+    """The MLP activation: GELU (``approximate`` "none" / "tanh"), OpenAI CLIP's QuickGELU
+    (``"quick"``: ``x * sigmoid(1.702 x)``) or SiLU (``"silu"``: the gate of EVA-02's SwiGLU)."""
     if approximate == "quick":
         return x * torch.sigmoid(1.702 * x)
+    if approximate == "silu":
+        return F.silu(x)
     return F.gelu(x, approximate=approximate)
 
 
@@ -210,6 +212,51 @@ def qkv_output(t: BlockTrace) -> torch.Tensor:
 
 
 @dataclass
+class PoolTrace:
+    """The attention pool's forward (``global_pool="map"``), all recorded (one query: small)."""
+
+    tokens: torch.Tensor  # (B, M, D) the pooled tokens (before the pool's position embedding)
+    kv_in: torch.Tensor  # (B, M, D) kv input (tokens + pool position embedding)
+    kv: torch.Tensor  # (B, M, 2 * H * d) kv output
+    q: torch.Tensor  # (B, H, 1, d) the latent's query (after q_norm, unscaled)
+    k: torch.Tensor  # (B, H, M, d) after k_norm
+    v: torch.Tensor
+    attn: torch.Tensor  # (B, H, 1, M) softmax output: the latent's attention row
+    heads: torch.Tensor  # (B, H, 1, d) = attn @ v
+    o: torch.Tensor  # (B, H * d) proj input
+    y: torch.Tensor  # (B, D) proj output
+    h: torch.Tensor  # (B, D) fc1 input (the pool's norm output)
+    f1: torch.Tensor  # fc1 output
+    g: torch.Tensor  # fc2 input
+    m: torch.Tensor  # (B, D) fc2 output: the MLP branch
+    out: torch.Tensor  # (B, D) y + m: the pooled feature (before fc_norm)
+
+
+def attention_pool(bb: Backbone, pw: AttentionPoolWeights, tokens: torch.Tensor,
+                   fast: bool = False) -> PoolTrace:
+    """timm ``AttentionPoolLatent.forward`` in eval mode (one latent, ``pool_type="token"``)."""
+    B, M, _ = tokens.shape
+    H, d = pw.num_heads, pw.head_dim
+    kv_in = tokens if pw.pos_embed is None else tokens + pw.pos_embed
+    latent = pw.latent.expand(B, -1, -1)
+    q = latent if pw.q is None else bb.linear(latent, pw.q, fast)
+    q = layer_norm(q.view(B, 1, H, d).transpose(1, 2), pw.q_norm)
+    kv = bb.linear(kv_in, pw.kv, fast)
+    k, v = kv.view(B, M, 2, H, d).permute(2, 0, 3, 1, 4).unbind(0)
+    k = layer_norm(k, pw.k_norm)
+    attn = bb.mm(q, k.transpose(-2, -1)).mul_(pw.scale).softmax(dim=-1)
+    heads = bb.mm(attn, v)
+    o = heads.transpose(1, 2).reshape(B, H * d)
+    y = bb.linear(o, pw.proj, fast)
+    h = layer_norm(y, pw.norm)
+    f1 = bb.linear(h, pw.fc1, fast)
+    g = layer_norm(gelu(f1, pw.gelu_approximate), pw.mlp_norm)
+    m = bb.linear(g, pw.fc2, fast)
+    return PoolTrace(tokens=tokens, kv_in=kv_in, kv=kv, q=q, k=k, v=v, attn=attn, heads=heads,
+                     o=o, y=y, h=h, f1=f1, g=g, m=m, out=y + m)
+
+
+@dataclass
 class Trace:
     """A recorded forward pass: embedding, per-block traces, final features and logits."""
 
@@ -219,6 +266,7 @@ class Trace:
     pooled: torch.Tensor  # (B, D) or (B, 2, D) for the distilled head: head input(s)
     head_outputs: tuple[torch.Tensor, ...]  # per head logits (one, or class + distillation)
     logits: torch.Tensor
+    pool: PoolTrace | None = None  # the attention pool (pool == "map")
 
 
 def forward(bb: Backbone, images: torch.Tensor, *, attn_from: int, lrp_from: int,
@@ -244,8 +292,14 @@ def forward(bb: Backbone, images: torch.Tensor, *, attn_from: int, lrp_from: int
     with torch.set_grad_enabled(grad_from < L):
         feats = layer_norm(x, bb.norm)
         p = bb.num_prefix_tokens
+        pool_trace = None
         if bb.pool == "token":
             pooled = layer_norm(feats[:, 0], bb.fc_norm)
+            outs = (bb.linear(pooled, bb.head, fast),)
+            logits = outs[0]
+        elif bb.pool == "map":
+            pool_trace = attention_pool(bb, bb.attn_pool, feats if bb.pool_include_prefix else feats[:, p:], fast)
+            pooled = layer_norm(pool_trace.out, bb.fc_norm)
             outs = (bb.linear(pooled, bb.head, fast),)
             logits = outs[0]
         elif bb.pool == "avg":
@@ -256,4 +310,4 @@ def forward(bb: Backbone, images: torch.Tensor, *, attn_from: int, lrp_from: int
             pooled = feats[:, :2]  # timm's distilled head applies no fc_norm
             outs = (bb.linear(pooled[:, 0], bb.head, fast), bb.linear(pooled[:, 1], bb.head_dist, fast))
             logits = (outs[0] + outs[1]) / 2
-    return Trace(emb, traces, feats, pooled, outs, logits)
+    return Trace(emb, traces, feats, pooled, outs, logits, pool_trace)

@@ -9,7 +9,9 @@ implementation with zennit 0.5.1's Gamma rule (patched by LXT for Gradient x Inp
 
 - Linear / Conv2d (the patch embedding): gamma rule (``GammaLinear``, ``GammaConv``);
 - LayerNorm: ``(x - mean) / stop_gradient(std) * w + b`` (identity rule on the scale);
-- GELU: identity rule, ``gradient = gelu(x) / (x + 1e-10) * g``;
+- GELU (QuickGELU, SiLU): identity rule, ``gradient = gelu(x) / (x + 1e-10) * g``;
+- element-wise product of two activations (SwiGLU's gate): uniform rule, each factor's
+  gradient halved (``GradientRuleSet.product``), as AttnLRP's rule for ``attn @ v``;
 - attention: ``attnlrp``: q and k gradients / 4, v gradient / 2 (uniform rule at both
   matmuls), the softmax by its plain gradient; ``cp_lrp``: q and k detached;
 - residual adds, LayerScale, token pooling, position embedding: plain gradient.
@@ -201,6 +203,28 @@ class GradientRuleSet:
     def activation(self, x: torch.Tensor, approximate: str) -> torch.Tensor:
         return IdentityRuleGELU.apply(x, approximate)
 
+    def product(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """``a * b`` with the uniform rule: each factor's gradient halved, so that
+        ``a g_a + b g_b = (a b) g`` (relevance split 1/2 and 1/2; AttnLRP's product rule)."""
+        return ScaleGradient.apply(a, 0.5) * ScaleGradient.apply(b, 0.5)
+
+    def attention_pool(self, bb: Backbone, tokens: torch.Tensor, gamma: float) -> torch.Tensor:
+        """timm ``AttentionPoolLatent`` (one latent query) with the rule set's ops: (B, D)."""
+        pw = bb.attn_pool
+        B, M, _ = tokens.shape
+        H, d = pw.num_heads, pw.head_dim
+        if pw.pos_embed is not None:
+            tokens = tokens + pw.pos_embed
+        latent = pw.latent.expand(B, -1, -1)  # a parameter: no relevance flows to it
+        q = latent if pw.q is None else F.linear(latent, pw.q.weight, pw.q.bias)
+        q = self.layer_norm(q.view(B, 1, H, d).transpose(1, 2), pw.q_norm)
+        k, v = self.linear(tokens, pw.kv, gamma).view(B, M, 2, H, d).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = self.attention_operands(q, self.layer_norm(k, pw.k_norm), v)
+        heads = F.scaled_dot_product_attention(q, k, v, scale=pw.scale)
+        y = self.linear(heads.transpose(1, 2).reshape(B, H * d), pw.proj, gamma)
+        f = self.activation(self.linear(self.layer_norm(y, pw.norm), pw.fc1, gamma), pw.gelu_approximate)
+        return y + self.linear(self.layer_norm(f, pw.mlp_norm), pw.fc2, gamma)
+
 
 RULE_SETS = {
     "attnlrp": GradientRuleSet("attnlrp", _uniform_attention),
@@ -261,6 +285,9 @@ def forward(bb: Backbone, rs: GradientRuleSet, images: torch.Tensor, *, gamma_li
     p = bb.num_prefix_tokens
     if bb.pool == "token":
         return rs.linear(rs.layer_norm(feats[:, 0], bb.fc_norm), bb.head, gamma_linear)
+    if bb.pool == "map":
+        pooled = rs.attention_pool(bb, feats if bb.pool_include_prefix else feats[:, p:], gamma_linear)
+        return rs.linear(rs.layer_norm(pooled, bb.fc_norm), bb.head, gamma_linear)
     if bb.pool == "avg":
         pooled = (feats if bb.pool_include_prefix else feats[:, p:]).mean(dim=1)
         return rs.linear(rs.layer_norm(pooled, bb.fc_norm), bb.head, gamma_linear)

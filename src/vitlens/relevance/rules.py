@@ -121,7 +121,8 @@ def fork_rule(x: torch.Tensor, R_skip: torch.Tensor, R_branch: torch.Tensor) -> 
 
 
 def block_rule(bb: Backbone, w: BlockWeights, t: BlockTrace, R: torch.Tensor, *,
-               plain: bool = False, to_input: bool = True, rows: int | None = None):
+               plain: bool = False, to_input: bool = True, rows: int | None = None,
+               mlp_inner=None, qk_rule=None):
     """Relevance through one block (spec section 2, steps 1-4).
 
     Returns ``(R_x, R_attn)``: relevance at the block input (None when ``to_input`` is False:
@@ -129,6 +130,12 @@ def block_rule(bb: Backbone, w: BlockWeights, t: BlockTrace, R: torch.Tensor, *,
     (B, H, N, N). ``rows``: ``R`` is 0 outside its first ``rows`` tokens (the top block under
     class-token pooling): the MLP, the projection and the attention rows then run on those
     tokens only (every other row of their relevance is exactly 0); q/k/v still get all tokens.
+
+    Hooks for families whose block differs only inside two layers (``families/eva.py``):
+    ``mlp_inner(R_g) -> R_f1``: relevance from the fc2 input to the fc1 output (default: the
+    identity of GELU and the MLP norm); ``qk_rule(R_q, R_k)``: turns the relevance of the
+    scores' operands (B, H, N, d views, in place) into that of the q/k norm outputs (default:
+    they are the same tensors).
     """
     B, N, _ = R.shape
     n = N if rows is None else rows
@@ -141,6 +148,8 @@ def block_rule(bb: Backbone, w: BlockWeights, t: BlockTrace, R: torch.Tensor, *,
     # 1. MLP branch
     R_mid, R_m = residual_rule(top(t.x_after_attn), top(t.mlp_branch), top(t.x_after_mlp), R, plain=plain)
     R_g = linear_rule(bb, w.fc2, top(t.fc2_input), R_m, top(t.fc2_output), plain=plain)  # LayerScale: identity
+    if mlp_inner is not None:
+        R_g = mlp_inner(R_g)
     R_h2 = linear_rule(bb, w.fc1, top(t.fc1_input), R_g, top(t.fc1_output), plain=plain)  # mlp norm, GELU: identity
     R_mid = fork_rule(top(t.x_after_attn), R_mid, R_h2)  # LayerNorm 2: identity
     del R_m, R_g, R_h2
@@ -192,6 +201,9 @@ def block_rule(bb: Backbone, w: BlockWeights, t: BlockTrace, R: torch.Tensor, *,
         torch.mul((S @ t.k).mul_(0.5), q, out=R_q)
         torch.mul((S.transpose(-2, -1) @ q).mul_(0.5), t.k, out=R_k)
     del S, zero, R_attn
+    if qk_rule is not None:
+        R_q, R_k, _ = R_qkv.permute(2, 0, 3, 1, 4)
+        qk_rule(R_q, R_k)
     R_qkv = R_qkv.view(B, N, -1)
     qkv = None if plain or low else qkv_output(t)  # only the float Linear rule reads it
     R_h1 = linear_rule(bb, w.qkv, t.qkv_input, R_qkv, qkv, plain=plain)  # q/k norm, norm1: identity
@@ -202,7 +214,8 @@ def block_rule(bb: Backbone, w: BlockWeights, t: BlockTrace, R: torch.Tensor, *,
 
 
 def pooled_tokens(bb: Backbone, n_tokens: int) -> slice:
-    """The tokens the classifier reads: class token, class + distillation, or the averaged ones."""
+    """The tokens the classifier reads: class token, class + distillation, or the averaged /
+    attention-pooled ones."""
     if bb.pool == "token":
         return slice(0, 1)
     if bb.pool == "distilled":
@@ -213,12 +226,49 @@ def pooled_tokens(bb: Backbone, n_tokens: int) -> slice:
 def pooling_readout(bb: Backbone, trace: Trace) -> torch.Tensor:
     """(B, N) weights of the classifier's pooling over tokens: the readout row of methods
     without relevance (rollout, raw attention, ...): e_0 for the class token, 1/2 on class and
-    distillation tokens for DeiT, uniform over the averaged tokens for average pooling."""
+    distillation tokens for DeiT, uniform over the averaged tokens for average pooling, the
+    latent query's attention row (mean over heads) for attention pooling."""
     B, N, _ = trace.features.shape
     r = trace.features.new_zeros(B, N)
     sl = pooled_tokens(bb, N)
+    if bb.pool == "map":
+        r[:, sl] = trace.pool.attn.mean(1)[:, 0]
+        return r
     r[:, sl] = 1.0 / len(range(N)[sl])
     return r
+
+
+def attention_pool_rule(bb: Backbone, trace: Trace, R_out: torch.Tensor, *, plain: bool = False):
+    """Relevance through the attention pool (``global_pool="map"``), from its output (B, D) to
+    the pooled tokens (B, M, D), and the relevance of the latent's attention row (B, H, 1, M).
+
+    Chefer's rules for one more block whose query is a learned latent: the MLP branch and its
+    residual as in a block (``out = y + mlp(norm(y))``), the projection's Linear rule, ``attn @ v``
+    by the z-rule to both operands (halved), softmax identity, ``q k^T`` by the z-rule (halved):
+    the half that reaches the latent's q is the latent's (a parameter, like a bias) and leaves
+    the pass; the k and v halves go through the kv Linear to the tokens. The pool's position
+    embedding (if any) is an add: z-rule, the tokens keep their part."""
+    pw, P = bb.attn_pool, trace.pool
+    B, M, _ = P.tokens.shape
+    H, d = pw.num_heads, pw.head_dim
+    R_y, R_m = residual_rule(P.y, P.m, P.out, R_out, plain=plain)
+    R_g = linear_rule(bb, pw.fc2, P.g, R_m, P.m, plain=plain)
+    R_h = linear_rule(bb, pw.fc1, P.h, R_g, P.f1, plain=plain)  # mlp norm, GELU: identity
+    R_y = fork_rule(P.y, R_y, R_h)  # the pool's norm: identity
+    R_o = linear_rule(bb, pw.proj, P.o, R_y, P.y, plain=plain)
+    S = sdiv(R_o.view(B, H, 1, d), P.heads).mul_(0.5)  # heads (B, H, 1, d) = (B, H * d) viewed
+    R_attn = (S @ P.v.transpose(-2, -1)).mul_(P.attn)  # (B, H, 1, M)
+    R_kv = R_attn.new_empty(B, M, 2, H, d)
+    R_k, R_v = R_kv.permute(2, 0, 3, 1, 4)  # views (B, H, M, d) in timm's kv layout
+    torch.mul(P.attn.transpose(-2, -1) @ S, P.v, out=R_v)
+    with bb.exact():
+        Z = P.q @ P.k.transpose(-2, -1)
+    S = sdiv(R_attn, Z)
+    torch.mul((S.transpose(-2, -1) @ P.q).mul_(0.5), P.k, out=R_k)
+    R_in = linear_rule(bb, pw.kv, P.kv_in, R_kv.view(B, M, -1), P.kv, plain=plain)  # k norm: identity
+    if pw.pos_embed is not None:
+        R_in = P.tokens * sdiv(R_in, P.kv_in)
+    return R_in, R_attn
 
 
 def head_rule(bb: Backbone, trace: Trace, targets: torch.Tensor, *, plain: bool = False):
@@ -234,6 +284,18 @@ def head_rule(bb: Backbone, trace: Trace, targets: torch.Tensor, *, plain: bool 
         y0 = feats[:, 0]
         R[:, 0] = y0 * sdiv(R_x, y0)
         readout = F.one_hot(torch.zeros_like(targets), N).to(feats.dtype)
+        return R, readout
+    if bb.pool == "map":
+        # head -> fc_norm (identity) -> the attention pool -> the pooled tokens. Readout: the
+        # relevance of the latent's attention row (clamped, mean over heads: the row a Chefer
+        # layer contributes), rescaled to sum 1 like the other poolings' readouts.
+        R_out = linear_rule(bb, bb.head, trace.pooled, onehot, plain=plain)
+        R_tok, R_attn = attention_pool_rule(bb, trace, R_out, plain=plain)
+        sl = pooled_tokens(bb, N)
+        R[:, sl] = R_tok
+        row = R_attn.clamp(min=0).mean(1)[:, 0]
+        readout = torch.zeros_like(feats[..., 0])
+        readout[:, sl] = sdiv(row, row.sum(-1, keepdim=True))
         return R, readout
     if bb.pool == "distilled":
         # logits = (a + b) / 2: the residual rule on the two heads' class logits gives each

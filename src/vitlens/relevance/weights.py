@@ -71,6 +71,28 @@ class BlockWeights:
 
 
 @dataclass
+class AttentionPoolWeights:
+    """timm ``AttentionPoolLatent`` (``global_pool="map"``, SigLIP): one learned latent query
+    cross-attends over the tokens, then ``out = y + mlp(norm(y))`` with ``y = proj(heads)``."""
+
+    latent: torch.Tensor  # (1, 1, latent_dim)
+    q: Linear | None  # None: the latent is the query (``q_proj=False``)
+    kv: Linear
+    q_norm: Norm | None
+    k_norm: Norm | None
+    proj: Linear
+    norm: Norm | None
+    fc1: Linear
+    gelu_approximate: str
+    mlp_norm: Norm | None
+    fc2: Linear
+    pos_embed: torch.Tensor | None  # (N, D) added to the tokens before ``kv``
+    num_heads: int
+    head_dim: int
+    scale: float
+
+
+@dataclass
 class Backbone:
     """Detached weights and layout of one timm ViT, in the dtype relevance is computed in."""
 
@@ -92,11 +114,12 @@ class Backbone:
     norm_pre: Norm | None
     blocks: list[BlockWeights]
     norm: Norm | None
-    pool: str  # "token" | "avg" | "distilled"
+    pool: str  # "token" | "avg" | "distilled" | "map" (attention pooling, ``attn_pool``)
     pool_include_prefix: bool
     fc_norm: Norm | None
     head: Linear
     head_dist: Linear | None
+    attn_pool: AttentionPoolWeights | None = None  # pool == "map"
 
     # True when the relevance rules' matmuls round their inputs (bf16, fp16 or TF32): the rules
     # then use formulations that stay accurate under rounding (``rules._linear_rule_lowp``).

@@ -82,6 +82,9 @@ def read(model: nn.Module, *, dtype: torch.dtype, mm_dtype: torch.dtype,
     return bb
 
 
-from vitlens.relevance.families import vit as _vit  # noqa: E402  (the built-in adapters)
+from vitlens.relevance.families import eva as _eva, vit as _vit  # noqa: E402  (the built-in adapters)
 
 register_family(Family("timm-vit", _vit.SUPPORTED, _vit.matches, _vit.read))
+register_family(Family("timm-eva", _eva.SUPPORTED, _eva.matches, _eva.read,
+                       block_forward=_eva.block_forward, block_rule=_eva.block_rule,
+                       gradient_block_forward=_eva.gradient_block_forward))

@@ -3,8 +3,8 @@ MAE-style average pooling, register tokens). Reads the weights into ``weights.Ba
 the generic pre-norm block forward (``forward.py``) and rules (``rules.py``) run them.
 
 Supported: built from ``Block`` / ``Attention`` / ``Mlp`` with LayerNorm and GELU, any number
-of prefix tokens (class, distillation, register), ``global_pool`` ``"token"`` or ``"avg"``
-(with ``fc_norm``), LayerScale, q/k norm, attention-output norm, pre-norm, ``no_embed_class``,
+of prefix tokens (class, distillation, register), ``global_pool`` ``"token"``, ``"avg"``
+(with ``fc_norm``) or ``"map"`` (SigLIP's ``AttentionPoolLatent``), LayerScale, q/k norm, attention-output norm, pre-norm, ``no_embed_class``,
 ``dynamic_img_size`` / ``dynamic_img_pad``. Anything else raises ``UnsupportedModelError``.
 """
 from __future__ import annotations
@@ -13,11 +13,11 @@ import torch
 import torch.nn as nn
 
 from vitlens.relevance.errors import UnsupportedModelError
-from vitlens.relevance.weights import Backbone, BlockWeights, Linear, Norm
+from vitlens.relevance.weights import AttentionPoolWeights, Backbone, BlockWeights, Linear, Norm
 
 SUPPORTED = (
     "timm VisionTransformer / VisionTransformerDistilled (ViT, DeiT, DeiT-distilled, MAE with "
-    "global_pool='avg', register tokens) made of timm Block/Attention/Mlp with LayerNorm and GELU, "
+    "global_pool='avg', register tokens, SigLIP with global_pool='map') made of timm Block/Attention/Mlp with LayerNorm and GELU, "
     "or a module whose `.model` attribute is one (vitlens ViTClassifier)"
 )
 
@@ -89,6 +89,45 @@ def _layer_scale(module: nn.Module, where: str, dtype) -> torch.Tensor | None:
     raise UnsupportedModelError(f"{where} is a {type(module).__name__}, expected timm LayerScale")
 
 
+def attention_pool(pool: nn.Module, where: str, dtype, mm_dtype) -> AttentionPoolWeights:
+    """timm ``AttentionPoolLatent`` (one latent query, pooled output) as weights; raises
+    ``UnsupportedModelError`` for layouts the pool rule does not cover."""
+    from timm.layers import Mlp
+    from timm.layers.attention_pool import AttentionPoolLatent
+
+    if type(pool) is not AttentionPoolLatent:
+        raise UnsupportedModelError(
+            f"{where} is a {type(pool).__name__}; vitlens.relevance supports timm AttentionPoolLatent "
+            f"(global_pool='map') (supported: {SUPPORTED})"
+        )
+    if pool.latent_len != 1:
+        raise UnsupportedModelError(
+            f"{where} has latent_len={pool.latent_len}; vitlens.relevance explains one latent query")
+    if pool.mlp is None or type(pool.mlp) is not Mlp or isinstance(pool.mlp.fc1, nn.Conv2d):
+        raise UnsupportedModelError(
+            f"{where}.mlp is a {type(pool.mlp).__name__}; vitlens.relevance supports a timm Mlp with "
+            "GELU in the attention pool")
+    _identity_in_eval(pool.proj_drop, f"{where}.proj_drop")
+    mlp = pool.mlp
+    return AttentionPoolWeights(
+        latent=pool.latent.detach().to(dtype),
+        q=None if isinstance(pool.q, nn.Identity) else _linear(pool.q, f"{where}.q", dtype, mm_dtype),
+        kv=_linear(pool.kv, f"{where}.kv", dtype, mm_dtype),
+        q_norm=_norm(pool.q_norm, f"{where}.q_norm", dtype),
+        k_norm=_norm(pool.k_norm, f"{where}.k_norm", dtype),
+        proj=_linear(pool.proj, f"{where}.proj", dtype, mm_dtype),
+        norm=_norm(pool.norm, f"{where}.norm", dtype),
+        fc1=_linear(mlp.fc1, f"{where}.mlp.fc1", dtype, mm_dtype),
+        gelu_approximate=_gelu(mlp.act, f"{where}.mlp.act"),
+        mlp_norm=_norm(mlp.norm, f"{where}.mlp.norm", dtype),
+        fc2=_linear(mlp.fc2, f"{where}.mlp.fc2", dtype, mm_dtype),
+        pos_embed=None if pool.pos_embed is None else pool.pos_embed.detach().to(dtype),
+        num_heads=pool.num_heads,
+        head_dim=pool.head_dim,
+        scale=pool.scale,
+    )
+
+
 def _block(blk: nn.Module, i: int, dtype, mm_dtype) -> BlockWeights:
     from timm.layers import Attention, Mlp
     from timm.models.vision_transformer import Block
@@ -145,20 +184,23 @@ def read(vit: nn.Module, *, dtype: torch.dtype, mm_dtype: torch.dtype,
             f"patch_embed is a {type(pe).__name__}; vitlens.relevance supports timm PatchEmbed "
             f"(supported: {SUPPORTED})"
         )
-    if getattr(vit, "attn_pool", None) is not None:
-        raise UnsupportedModelError(
-            f"global_pool={vit.global_pool!r} (attention pooling) is not supported; "
-            "use 'token' or 'avg'"
-        )
     distilled = isinstance(vit, VisionTransformerDistilled)
+    attn_pool = None
     if distilled:
         pool = "distilled"
+    elif getattr(vit, "attn_pool", None) is not None:
+        if vit.global_pool != "map":
+            raise UnsupportedModelError(
+                f"global_pool={vit.global_pool!r} is not supported; vitlens.relevance explains "
+                "classifiers with global_pool 'token', 'avg' or 'map'"
+            )
+        pool, attn_pool = "map", attention_pool(vit.attn_pool, "attn_pool", dtype, mm_dtype)
     elif vit.global_pool in ("token", "avg"):
         pool = vit.global_pool
     else:
         raise UnsupportedModelError(
             f"global_pool={vit.global_pool!r} is not supported; vitlens.relevance explains "
-            "classifiers with global_pool 'token' or 'avg'"
+            "classifiers with global_pool 'token', 'avg' or 'map'"
         )
     if not isinstance(vit.head, nn.Linear):
         raise UnsupportedModelError(
@@ -206,6 +248,7 @@ def read(vit: nn.Module, *, dtype: torch.dtype, mm_dtype: torch.dtype,
         fc_norm=_norm(vit.fc_norm, "fc_norm", dtype),
         head=_linear(vit.head, "head", dtype, mm_dtype),
         head_dist=_linear(vit.head_dist, "head_dist", dtype, mm_dtype) if distilled else None,
+        attn_pool=attn_pool,
     )
 
 
