@@ -182,8 +182,11 @@ def test_interrupt_writes_a_checkpoint_exits_non_zero_and_resumes_the_same_run(t
     photo_folder(tmp_path / "my_birds", per_class=20)
     args = ["fit", "--data.path", "my_birds", *TINY, "--trainer.max_epochs", "1000",
             "--trainer.limit_train_batches", "8", "--trainer.default_root_dir", "RUN"]
+    # SIGINT at its default in the child: a shell that runs the suite in the background (`&`)
+    # hands its children SIGINT ignored, and Python then installs no KeyboardInterrupt handler
     child = subprocess.Popen([sys.executable, str(TRAIN), *args], cwd=tmp_path, env=_env(),
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 500  # a bound against a hang, not a timing assumption
         while not list((tmp_path / "RUN").glob("checkpoints/*/last.ckpt")):
