@@ -244,16 +244,7 @@ def read(eva: nn.Module, *, dtype: torch.dtype, mm_dtype: torch.dtype,
         sin, cos = emb.detach().to(dtype).chunk(2, -1)
         half = bool(eva.blocks[0].attn.rotate_half) if len(eva.blocks) else False
     return EvaBackbone(
-        dtype=dtype,
-        mm_dtype=mm_dtype,
-        rounding=mm_dtype != dtype if rounding is None else rounding,
-        tf32=tf32,
-        device=pw.weight.device,
-        patch_weight=pw.weight.detach().to(dtype),
-        patch_bias=None if pw.bias is None else pw.bias.detach().to(dtype),
-        patch_size=tuple(pw.kernel_size),
-        patch_norm=_vit._norm(pe.norm, "patch_embed.norm", dtype),
-        img_size=None if pe.img_size is None else tuple(pe.img_size),
+        **_vit.precision_and_patch_embedding(pe, dtype=dtype, mm_dtype=mm_dtype, rounding=rounding, tf32=tf32),
         grid_size=tuple(pe.grid_size),
         dynamic_img_size=False,
         dynamic_img_pad=bool(pe.dynamic_img_pad),

@@ -171,6 +171,24 @@ def _block(blk: nn.Module, i: int, dtype, mm_dtype) -> BlockWeights:
     )
 
 
+def precision_and_patch_embedding(pe: nn.Module, *, dtype, mm_dtype, rounding, tf32) -> dict:
+    """The ``Backbone`` fields every ViT-like family fills alike: the precision plan and a timm
+    ``PatchEmbed`` (non-overlapping convolution, optional norm)."""
+    pw = pe.proj
+    return dict(
+        dtype=dtype,
+        mm_dtype=mm_dtype,
+        rounding=mm_dtype != dtype if rounding is None else rounding,
+        tf32=tf32,
+        device=pw.weight.device,
+        patch_weight=pw.weight.detach().to(dtype),
+        patch_bias=None if pw.bias is None else pw.bias.detach().to(dtype),
+        patch_size=tuple(pw.kernel_size),
+        patch_norm=_norm(pe.norm, "patch_embed.norm", dtype),
+        img_size=None if pe.img_size is None else tuple(pe.img_size),
+    )
+
+
 def read(vit: nn.Module, *, dtype: torch.dtype, mm_dtype: torch.dtype,
                   rounding: bool | None = None, tf32: bool = False) -> Backbone:
     """Detached weights of ``vit`` (a timm VisionTransformer) cast to ``dtype``; checks support.
@@ -223,16 +241,7 @@ def read(vit: nn.Module, *, dtype: torch.dtype, mm_dtype: torch.dtype,
     if tuple(pw.stride) != tuple(pw.kernel_size) or any(pw.padding):
         raise UnsupportedModelError("patch_embed.proj must be a non-overlapping patch convolution")
     return Backbone(
-        dtype=dtype,
-        mm_dtype=mm_dtype,
-        rounding=mm_dtype != dtype if rounding is None else rounding,
-        tf32=tf32,
-        device=pw.weight.device,
-        patch_weight=pw.weight.detach().to(dtype),
-        patch_bias=None if pw.bias is None else pw.bias.detach().to(dtype),
-        patch_size=tuple(pw.kernel_size),
-        patch_norm=_norm(pe.norm, "patch_embed.norm", dtype),
-        img_size=None if pe.img_size is None else tuple(pe.img_size),
+        **precision_and_patch_embedding(pe, dtype=dtype, mm_dtype=mm_dtype, rounding=rounding, tf32=tf32),
         grid_size=tuple(pe.grid_size) if pe.grid_size is not None else None,
         dynamic_img_size=bool(vit.dynamic_img_size),
         dynamic_img_pad=bool(pe.dynamic_img_pad),
