@@ -252,3 +252,46 @@ def test_the_docs_table_lists_the_registry():
         for key, default in get_method(name).defaults().items():
             if options.strip() != "as `attnlrp`":
                 assert f"{key}={default!r}".replace("'", '"') in options, (name, key)
+
+
+def test_an_explicit_rule_set_is_a_table_of_layer_rules():
+    """A rule set made from a table: the shipped tables' copies give the shipped maps exactly,
+    and changing one entry (the residual rule) changes the map through the one relevance pass."""
+    import dataclasses
+    from functools import partial
+
+    from vitlens.relevance import rules
+    from vitlens.relevance.registry import RuleSet, register_rule_set
+
+    calls = []
+
+    def counted_residual(u, v, z, R):
+        calls.append(tuple(R.shape))
+        return rules.residual_rule(u, v, z, R, plain=True)
+
+    tables = {"chefer_copy": dataclasses.replace(rules.CHEFER, name="chefer_copy"),
+              "lrp_copy": dataclasses.replace(rules.PLAIN_LRP, name="lrp_copy"),
+              "chefer_bare_residual": dataclasses.replace(rules.CHEFER, name="chefer_bare_residual",
+                                                          residual=counted_residual)}
+    for name, table in tables.items():
+        register_rule_set(RuleSet(name, name, layers=table, compact_records=name != "lrp_copy"))
+    base = get_method("lrp_rollout")
+    for name in tables:
+        register_method(dataclasses.replace(base, name=f"rollout_{name}", help=name,
+                                            needs=lambda o, L, n=name: base.needs(o, L)._replace(relevance=n)))
+    try:
+        model, x = tiny_vit(), torch.randn(3, 3, 32, 32, dtype=torch.float64)
+        out = explain_many(model, x, ["lrp_rollout", "rollout_chefer_copy", "rollout_lrp_copy",
+                                      "rollout_chefer_bare_residual", "full_lrp"])
+        assert torch.equal(out.maps["rollout_chefer_copy"], out.maps["lrp_rollout"])
+        # the plain table through lrp_rollout's readout: not the Chefer map
+        assert not torch.allclose(out.maps["rollout_lrp_copy"], out.maps["lrp_rollout"])
+        bare = out.maps["rollout_chefer_bare_residual"]
+        assert calls and len(calls) == 2 * 3  # two residual adds per block, three blocks
+        assert not torch.allclose(bare, out.maps["lrp_rollout"], rtol=1e-6)
+        # one entry changed: the map moves but stays the same kind of map (finite, same shape)
+        assert bare.shape == out.maps["lrp_rollout"].shape and torch.isfinite(bare).all()
+    finally:
+        for name in tables:
+            unregister_method(f"rollout_{name}")
+            RULE_SETS.pop(name)

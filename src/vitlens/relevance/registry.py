@@ -45,10 +45,10 @@ class RuleSet:
     - ``head``: ``(bb, trace, targets) -> (R at the final tokens, readout row (B, N))``.
     - ``block``: ``(bb, w, block_trace, R, *, to_input, rows) -> (R at the block input,
       relevance of the attention matrix (B, H, N, N))``; the family's ``block_rule`` is used
-      when it has one (called with ``plain=``).
+      when it has one (called with ``rules=``).
     - ``patch_embedding``: ``(bb, trace, R_tokens) -> R at the pixels (B, H, W)``.
-    - ``plain``: the rules.py variant flag (plain LRP: bare z-rule on residual adds, sign
-      branches of Linear layers normalised separately).
+    - ``layers``: an explicit rule set's per-layer rules (``rules.LayerRules``: Linear,
+      residual, fork, norm, activation, softmax; ``rules.CHEFER``, ``rules.PLAIN_LRP``).
     - ``compact_records``: the rules may read the Linear inputs rounded to the matmul dtype
       (halves the records with bf16 matmuls; the plain rules lose accuracy from it).
     """
@@ -56,16 +56,16 @@ class RuleSet:
     name: str
     help: str
     form: str = "explicit"
-    plain: bool = False
+    layers: rules.LayerRules = rules.CHEFER
     compact_records: bool = True
     gradient: lrp_gradient.GradientRuleSet | None = None
 
     def head(self, bb, trace, targets):
-        return rules.head_rule(bb, trace, targets, plain=self.plain)
+        return rules.head_rule(bb, trace, targets, rules=self.layers)
 
     def block(self, bb, w, t, R, *, to_input: bool, rows: int | None):
         block_rule = getattr(bb.family, "block_rule", None) or rules.block_rule
-        return block_rule(bb, w, t, R, plain=self.plain, to_input=to_input, rows=rows)
+        return block_rule(bb, w, t, R, rules=self.layers, to_input=to_input, rows=rows)
 
     def patch_embedding(self, bb, trace, R):
         with bb.exact():  # cheap, and its z^B denominators can cancel
@@ -433,7 +433,7 @@ def _builtins() -> None:
     register_rule_set(RuleSet("chefer", "Chefer et al. (CVPR 2021): alpha=1 beta=0 Linear rule, residual "
                                         "z-rule rescaled to conserve relevance, attention matmuls z-rule halved"))
     register_rule_set(RuleSet("lrp", "plain LRP: Linear sign branches normalised separately, bare residual "
-                                     "z-rule", plain=True, compact_records=False))
+                                     "z-rule", layers=rules.PLAIN_LRP, compact_records=False))
     for name, help_ in (("attnlrp", "AttnLRP (Achtibat et al., ICML 2024), Gradient x Input form"),
                         ("cp_lrp", "CP-LRP (Ali et al., ICML 2022), Gradient x Input form")):
         register_rule_set(RuleSet(name, help_, form="gradient", gradient=lrp_gradient.RULE_SETS[name]))

@@ -1,11 +1,17 @@
 """The LRP rules of Chefer et al. (CVPR 2021) as batched tensor functions.
 
 Spec: ``docs/relevance.md`` and the shared relevance spec. Every function works on a whole
-batch; sums that the rules need run per sample. ``plain=True`` selects the "plain LRP" rules
-used by the ``partial_lrp`` / ``full_lrp`` baselines (bare z-rule on residual adds, separately
-normalised sign branches in Linear layers).
+batch; sums that the rules need run per sample. A rule set is a :class:`LayerRules` table, one
+entry per layer kind: :data:`CHEFER` (the paper's rules) and :data:`PLAIN_LRP` (the rules of
+the ``partial_lrp`` / ``full_lrp`` baselines: bare z-rule on residual adds, separately
+normalised sign branches in Linear layers). :func:`block_rule`, :func:`head_rule` and
+:func:`attention_pool_rule` are the one relevance pass that applies a table.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -120,10 +126,43 @@ def fork_rule(x: torch.Tensor, R_skip: torch.Tensor, R_branch: torch.Tensor) -> 
     return (R_skip + R_branch).div_(x + EPS).mul_(x)
 
 
+def identity_rule(R: torch.Tensor) -> torch.Tensor:
+    """Relevance passes through unchanged (LayerNorm, GELU, softmax, LayerScale in Chefer's rules)."""
+    return R
+
+
+@dataclass(frozen=True)
+class LayerRules:
+    """One explicit rule set as a table of per-layer rules, applied by :func:`block_rule`,
+    :func:`head_rule` and :func:`attention_pool_rule` (``patch_embedding_rule`` is shared).
+
+    - ``linear(bb, layer, x, R, out=None) -> R_x``: Linear layers (head, q/k/v, projection, MLP);
+      ``linear_reads_output``: it reads the layer's forward output ``out`` (the pass then hands
+      the recorded one over instead of recomputing it);
+    - ``residual(u, v, z, R) -> (R_u, R_v)``: residual adds ``z = u + v``;
+    - ``fork(x, R_skip, R_branch) -> R_x``: a tensor feeding the skip and a branch;
+    - ``norm``, ``activation``, ``softmax``: ``R -> R`` for LayerNorm (and the q/k, MLP and
+      attention-output norms), the MLP activation and the attention softmax;
+    - the attention matmuls ``attn @ v`` and ``q @ k^T``: the z-rule to both operands, halved,
+      in every rule set here (``block_rule`` step 3-4);
+    - the pooling: ``head_rule`` (class token, distillation, average, attention pool).
+    """
+
+    name: str
+    linear: Callable[..., torch.Tensor]
+    residual: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    fork: Callable[..., torch.Tensor]
+    norm: Callable[[torch.Tensor], torch.Tensor] = identity_rule
+    activation: Callable[[torch.Tensor], torch.Tensor] = identity_rule
+    softmax: Callable[[torch.Tensor], torch.Tensor] = identity_rule
+    linear_reads_output: bool = True
+
+
 def block_rule(bb: Backbone, w: BlockWeights, t: BlockTrace, R: torch.Tensor, *,
-               plain: bool = False, to_input: bool = True, rows: int | None = None,
+               rules: LayerRules | None = None, to_input: bool = True, rows: int | None = None,
                mlp_inner=None, qk_rule=None):
-    """Relevance through one block (spec section 2, steps 1-4).
+    """Relevance through one block (spec section 2, steps 1-4) under the rule table ``rules``
+    (default :data:`CHEFER`).
 
     Returns ``(R_x, R_attn)``: relevance at the block input (None when ``to_input`` is False:
     the q/k/v part is then skipped) and the halved relevance of the attention matrix
@@ -137,6 +176,7 @@ def block_rule(bb: Backbone, w: BlockWeights, t: BlockTrace, R: torch.Tensor, *,
     scores' operands (B, H, N, d views, in place) into that of the q/k norm outputs (default:
     they are the same tensors).
     """
+    L = CHEFER if rules is None else rules
     B, N, _ = R.shape
     n = N if rows is None else rows
     H, d = w.num_heads, w.head_dim
@@ -146,16 +186,17 @@ def block_rule(bb: Backbone, w: BlockWeights, t: BlockTrace, R: torch.Tensor, *,
 
     R = top(R)
     # 1. MLP branch
-    R_mid, R_m = residual_rule(top(t.x_after_attn), top(t.mlp_branch), top(t.x_after_mlp), R, plain=plain)
-    R_g = linear_rule(bb, w.fc2, top(t.fc2_input), R_m, top(t.fc2_output), plain=plain)  # LayerScale: identity
-    if mlp_inner is not None:
-        R_g = mlp_inner(R_g)
-    R_h2 = linear_rule(bb, w.fc1, top(t.fc1_input), R_g, top(t.fc1_output), plain=plain)  # mlp norm, GELU: identity
-    R_mid = fork_rule(top(t.x_after_attn), R_mid, R_h2)  # LayerNorm 2: identity
+    R_mid, R_m = L.residual(top(t.x_after_attn), top(t.mlp_branch), top(t.x_after_mlp), R)
+    R_g = L.linear(bb, w.fc2, top(t.fc2_input), R_m, top(t.fc2_output))  # LayerScale: identity
+    R_g = L.norm(R_g) if mlp_inner is None else mlp_inner(R_g)  # the MLP norm (EVA: its SwiGLU)
+    R_g = L.activation(R_g)
+    R_h2 = L.linear(bb, w.fc1, top(t.fc1_input), R_g, top(t.fc1_output))
+    R_mid = L.fork(top(t.x_after_attn), R_mid, L.norm(R_h2))  # LayerNorm 2
     del R_m, R_g, R_h2
     # 2. attention branch
-    R_x, R_a = residual_rule(top(t.x), top(t.attn_branch), top(t.x_after_attn), R_mid, plain=plain)
-    R_o = linear_rule(bb, w.proj, top(t.proj_input), R_a, top(t.proj_output), plain=plain)  # attention-output norm: identity
+    R_x, R_a = L.residual(top(t.x), top(t.attn_branch), top(t.x_after_attn), R_mid)
+    R_o = L.linear(bb, w.proj, top(t.proj_input), R_a, top(t.proj_output))
+    R_o = L.norm(R_o)  # the attention-output norm
     R_heads = R_o.view(B, n, H, d).transpose(1, 2)
     del R_mid, R_a, R_o
     # 3. heads = attn @ v: z-rule to both operands, both halved. The z-rule denominators that
@@ -182,7 +223,8 @@ def block_rule(bb: Backbone, w: BlockWeights, t: BlockTrace, R: torch.Tensor, *,
     else:
         torch.mul(attn.transpose(-2, -1) @ S, t.v, out=R_v)
     del S, R_heads
-    # 4. softmax: identity; scores = q @ k^T (the 1/sqrt(d) scale cancels): halved
+    R_attn = L.softmax(R_attn)
+    # 4. softmax; scores = q @ k^T (the 1/sqrt(d) scale cancels): halved
     with bb.exact():  # the forward's scores (a denominator that can cancel)
         Z = q @ t.k.transpose(-2, -1)
     zero = Z == 0
@@ -205,8 +247,8 @@ def block_rule(bb: Backbone, w: BlockWeights, t: BlockTrace, R: torch.Tensor, *,
         R_q, R_k, _ = R_qkv.permute(2, 0, 3, 1, 4)
         qk_rule(R_q, R_k)
     R_qkv = R_qkv.view(B, N, -1)
-    qkv = None if plain or low else qkv_output(t)  # only the float Linear rule reads it
-    R_h1 = linear_rule(bb, w.qkv, t.qkv_input, R_qkv, qkv, plain=plain)  # q/k norm, norm1: identity
+    qkv = qkv_output(t) if L.linear_reads_output and not low else None  # the float Chefer rule's
+    R_h1 = L.norm(L.linear(bb, w.qkv, t.qkv_input, L.norm(R_qkv), qkv))  # q/k norm, norm1
     del qkv
     if n < N:
         R_x = torch.cat([R_x, R_x.new_zeros(B, N - n, R_x.shape[-1])], dim=1)
@@ -238,7 +280,8 @@ def pooling_readout(bb: Backbone, trace: Trace) -> torch.Tensor:
     return r
 
 
-def attention_pool_rule(bb: Backbone, trace: Trace, R_out: torch.Tensor, *, plain: bool = False):
+def attention_pool_rule(bb: Backbone, trace: Trace, R_out: torch.Tensor, *,
+                        rules: LayerRules | None = None):
     """Relevance through the attention pool (``global_pool="map"``), from its output (B, D) to
     the pooled tokens (B, M, D), and the relevance of the latent's attention row (B, H, 1, M).
 
@@ -248,16 +291,17 @@ def attention_pool_rule(bb: Backbone, trace: Trace, R_out: torch.Tensor, *, plai
     the half that reaches the latent's q is the latent's (a parameter, like a bias) and leaves
     the pass; the k and v halves go through the kv Linear to the tokens. The pool's position
     embedding (if any) is an add: z-rule, the tokens keep their part."""
+    L = CHEFER if rules is None else rules
     pw, P = bb.attn_pool, trace.pool
     B, M, _ = P.tokens.shape
     H, d = pw.num_heads, pw.head_dim
-    R_y, R_m = residual_rule(P.y, P.m, P.out, R_out, plain=plain)
-    R_g = linear_rule(bb, pw.fc2, P.g, R_m, P.m, plain=plain)
-    R_h = linear_rule(bb, pw.fc1, P.h, R_g, P.f1, plain=plain)  # mlp norm, GELU: identity
-    R_y = fork_rule(P.y, R_y, R_h)  # the pool's norm: identity
-    R_o = linear_rule(bb, pw.proj, P.o, R_y, P.y, plain=plain)
+    R_y, R_m = L.residual(P.y, P.m, P.out, R_out)
+    R_g = L.linear(bb, pw.fc2, P.g, R_m, P.m)
+    R_h = L.linear(bb, pw.fc1, P.h, L.activation(L.norm(R_g)), P.f1)  # mlp norm, GELU
+    R_y = L.fork(P.y, R_y, L.norm(R_h))  # the pool's norm
+    R_o = L.linear(bb, pw.proj, P.o, R_y, P.y)
     S = sdiv(R_o.view(B, H, 1, d), P.heads).mul_(0.5)  # heads (B, H, 1, d) = (B, H * d) viewed
-    R_attn = (S @ P.v.transpose(-2, -1)).mul_(P.attn)  # (B, H, 1, M)
+    R_attn = L.softmax((S @ P.v.transpose(-2, -1)).mul_(P.attn))  # (B, H, 1, M)
     R_kv = R_attn.new_empty(B, M, 2, H, d)
     R_k, R_v = R_kv.permute(2, 0, 3, 1, 4)  # views (B, H, M, d) in timm's kv layout
     torch.mul(P.attn.transpose(-2, -1) @ S, P.v, out=R_v)
@@ -265,22 +309,23 @@ def attention_pool_rule(bb: Backbone, trace: Trace, R_out: torch.Tensor, *, plai
         Z = P.q @ P.k.transpose(-2, -1)
     S = sdiv(R_attn, Z)
     torch.mul((S.transpose(-2, -1) @ P.q).mul_(0.5), P.k, out=R_k)
-    R_in = linear_rule(bb, pw.kv, P.kv_in, R_kv.view(B, M, -1), P.kv, plain=plain)  # k norm: identity
+    R_in = L.linear(bb, pw.kv, P.kv_in, L.norm(R_kv.view(B, M, -1)), P.kv)  # k norm
     if pw.pos_embed is not None:
         R_in = P.tokens * sdiv(R_in, P.kv_in)
     return R_in, R_attn
 
 
-def head_rule(bb: Backbone, trace: Trace, targets: torch.Tensor, *, plain: bool = False):
+def head_rule(bb: Backbone, trace: Trace, targets: torch.Tensor, *, rules: LayerRules | None = None):
     """Relevance at the final tokens (B, N, D), starting from a one-hot of the explained class
     (value 1), and the readout weights (B, N): the share of relevance each pooled token gets
     (exactly e_0 for class-token pooling)."""
+    L = CHEFER if rules is None else rules
     feats = trace.features
     B, N, D = feats.shape
     onehot = F.one_hot(targets, trace.logits.shape[-1]).to(feats.dtype)
     R = torch.zeros_like(feats)
     if bb.pool == "token":
-        R_x = linear_rule(bb, bb.head, trace.pooled, onehot, plain=plain)  # fc_norm: identity
+        R_x = L.norm(L.linear(bb, bb.head, trace.pooled, onehot))  # fc_norm
         y0 = feats[:, 0]
         R[:, 0] = y0 * sdiv(R_x, y0)
         readout = F.one_hot(torch.zeros_like(targets), N).to(feats.dtype)
@@ -289,8 +334,8 @@ def head_rule(bb: Backbone, trace: Trace, targets: torch.Tensor, *, plain: bool 
         # head -> fc_norm (identity) -> the attention pool -> the pooled tokens. Readout: the
         # relevance of the latent's attention row (clamped, mean over heads: the row a Chefer
         # layer contributes), rescaled to sum 1 like the other poolings' readouts.
-        R_out = linear_rule(bb, bb.head, trace.pooled, onehot, plain=plain)
-        R_tok, R_attn = attention_pool_rule(bb, trace, R_out, plain=plain)
+        R_out = L.norm(L.linear(bb, bb.head, trace.pooled, onehot))  # fc_norm
+        R_tok, R_attn = attention_pool_rule(bb, trace, R_out, rules=L)
         sl = pooled_tokens(bb, N)
         R[:, sl] = R_tok
         row = R_attn.clamp(min=0).mean(1)[:, 0]
@@ -304,14 +349,14 @@ def head_rule(bb: Backbone, trace: Trace, targets: torch.Tensor, *, plain: bool 
         b = trace.head_outputs[1].gather(1, targets[:, None])
         wa, wb = sdiv(a.abs(), a.abs() + b.abs()), sdiv(b.abs(), a.abs() + b.abs())
         for i, (layer, share) in enumerate(((bb.head, wa), (bb.head_dist, wb))):
-            R_x = linear_rule(bb, layer, trace.pooled[:, i], onehot * share, plain=plain)
+            R_x = L.norm(L.linear(bb, layer, trace.pooled[:, i], onehot * share))
             y = feats[:, i]
             R[:, i] = y * sdiv(R_x, y)
         readout = torch.zeros_like(feats[..., 0])
         readout[:, 0], readout[:, 1] = wa[:, 0], wb[:, 0]
         return R, readout
     # average pooling: z-rule through the mean spreads relevance over the averaged tokens
-    R_x = linear_rule(bb, bb.head, trace.pooled, onehot, plain=plain)  # fc_norm: identity
+    R_x = L.norm(L.linear(bb, bb.head, trace.pooled, onehot))  # fc_norm
     sl = pooled_tokens(bb, N)
     y = feats[:, sl]
     mean = y.mean(dim=1)
@@ -348,3 +393,14 @@ def patch_embedding_rule(bb: Backbone, trace: Trace, R_tokens: torch.Tensor) -> 
                                output_padding=pad)
     out = X * grads[:, :C] - lo * grads[:, C:2 * C] - hi * grads[:, 2 * C:]
     return out.sum(dim=1)
+
+
+CHEFER = LayerRules("chefer", linear=linear_rule, residual=residual_rule, fork=fork_rule)
+"""Chefer et al. (CVPR 2021): alpha=1 beta=0 Linear rule, residual z-rule rescaled to conserve
+relevance (per sample), the fork summed through the z-rule stabiliser, LayerNorm / GELU /
+softmax identity, attention matmuls z-rule halved."""
+
+PLAIN_LRP = LayerRules("lrp", linear=partial(linear_rule, plain=True), residual=partial(residual_rule, plain=True),
+                       fork=fork_rule, linear_reads_output=False)
+"""Plain LRP (the ``partial_lrp`` / ``full_lrp`` baselines): the Linear rule's sign branches
+normalised separately, the residual add by the bare z-rule; the rest as :data:`CHEFER`."""

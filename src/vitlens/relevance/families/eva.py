@@ -32,6 +32,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from vitlens.relevance import rules
+from vitlens.relevance.rules import LayerRules
+from vitlens.relevance.rules import block_rule as _vit_block_rule
 from vitlens.relevance.errors import UnsupportedModelError
 from vitlens.relevance.families import vit as _vit
 from vitlens.relevance.forward import BlockTrace, _record, layer_norm
@@ -307,9 +309,10 @@ def block_forward(bb: EvaBackbone, w: BlockWeights, x: torch.Tensor, *, keep_att
 
 
 def block_rule(bb: EvaBackbone, w: BlockWeights, t: EvaBlockTrace, R: torch.Tensor, *,
-               plain: bool = False, to_input: bool = True, rows: int | None = None):
-    """The ViT block's rules with EVA's two layers: the SwiGLU product and the rotary map."""
-    return rules.block_rule(bb, w, t, R, plain=plain, to_input=to_input, rows=rows,
+               rules: LayerRules | None = None, to_input: bool = True, rows: int | None = None):
+    """The ViT block's rules (the table ``rules``) with EVA's two layers: the SwiGLU product
+    and the rotary map."""
+    return _vit_block_rule(bb, w, t, R, rules=rules, to_input=to_input, rows=rows,
                             mlp_inner=_swiglu_rule,
                             qk_rule=lambda R_q, R_k: rope_rule(bb, t, R_q, R_k))
 
