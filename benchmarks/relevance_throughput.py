@@ -25,6 +25,8 @@ identity on CPU for the duration of the call (their files are not modified); the
 checked against ours on a few images, then both are timed interleaved in one process
 (``--repeats`` rounds, medians): ours at each ``--batch-sizes``, theirs at batch 1, the forward
 pass at the largest batch. Without ``--authors`` the ratio to the forward pass is the yardstick.
+``--baseline-src SRC`` adds the rows of another vitlens source tree (an older commit's ``src``),
+interleaved in the same rounds: before/after in one process.
 
     python benchmarks/relevance_throughput.py --model vit_small_patch16_224 --img-size 224 \
         --batch-sizes 1 16 --device cpu
@@ -38,6 +40,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import importlib
 import os
 import statistics
 import sys
@@ -179,6 +182,27 @@ def load_authors(path: str, model: torch.nn.Module):
     return theirs, LRP(theirs)
 
 
+def explain_from(src: str):
+    """``explain`` of another vitlens source tree (e.g. ``git worktree add /tmp/old <commit>``,
+    then ``/tmp/old/src``), imported beside this one as separate module objects: before/after
+    in one process. (vitlens.relevance imports nothing of vitlens inside functions, so the two
+    copies do not mix.)"""
+    src = os.path.abspath(os.path.expanduser(src))
+    if not os.path.isfile(os.path.join(src, "vitlens", "relevance", "__init__.py")):
+        raise SystemExit(f"--baseline-src {src}: no vitlens/relevance there; give the src folder of a checkout")
+    ours = {k: v for k, v in sys.modules.items() if k == "vitlens" or k.startswith("vitlens.")}
+    for k in ours:
+        del sys.modules[k]
+    sys.path.insert(0, src)
+    try:
+        return importlib.import_module("vitlens.relevance").explain
+    finally:
+        sys.path.remove(src)
+        for k in [k for k in sys.modules if k == "vitlens" or k.startswith("vitlens.")]:
+            del sys.modules[k]
+        sys.modules.update(ours)
+
+
 def authors_side_by_side(args, model, device, start_layer: int) -> None:
     """The authors' transformer_attribution beside ours: equality check, then interleaved timing."""
     theirs, lrp = load_authors(args.authors, copy.deepcopy(model).cpu().float())
@@ -225,6 +249,16 @@ def authors_side_by_side(args, model, device, start_layer: int) -> None:
                lambda bs=bs: explain(model, images[:bs], "transformer_attribution", start_layer=start_layer,
                                      precision=args.precision))
               for bs in args.batch_sizes]
+    if args.baseline_src:
+        old = explain_from(args.baseline_src)
+        ref = explain(model, images[:2], "transformer_attribution", start_layer=start_layer, precision=args.precision)
+        was = old(model, images[:2], "transformer_attribution", start_layer=start_layer, precision=args.precision)
+        print(f"baseline {args.baseline_src}: its map vs this tree's, max |diff| / max: "
+              f"{((was - ref).abs().max() / ref.abs().max()).item():.1e} (float32)")
+        calls += [("transformer_attribution (baseline src)", bs,
+                   lambda bs=bs: old(model, images[:bs], "transformer_attribution", start_layer=start_layer,
+                                     precision=args.precision))
+                  for bs in args.batch_sizes]
     calls.append(("transformer_attribution (authors')", 1, lambda: run_theirs(images[:1])))
     for _, _, fn in calls:  # warm-up
         for _ in range(args.warmup):
@@ -240,10 +274,10 @@ def authors_side_by_side(args, model, device, start_layer: int) -> None:
     ms = {k: 1000 * statistics.median(v) for k, v in times.items()}
     base, authors = ms[f"forward{bmax}"], ms["transformer_attribution (authors')1"]
     print(f"interleaved, {args.repeats} rounds, median ms/image")
-    print(f"{'batch':>5} {'what':<36} {'ms/image':>9} {'x forward':>9} {'authors/this':>12}")
+    print(f"{'batch':>5} {'what':<40} {'ms/image':>9} {'x forward':>9} {'authors/this':>12}")
     for name, bs, _ in calls:
         v = ms[name + str(bs)]
-        print(f"{bs:>5} {name:<36} {v:>9.1f} {v / base:>9.2f} {authors / v:>12.2f}")
+        print(f"{bs:>5} {name:<40} {v:>9.1f} {v / base:>9.2f} {authors / v:>12.2f}")
 
 
 def main(argv=None):
@@ -269,6 +303,9 @@ def main(argv=None):
                          "side by side (checked equal first), timed interleaved with ours")
     ap.add_argument("--start-layer", type=int, default=None,
                     help="transformer_attribution's start_layer for --authors (default: ours, 1)")
+    ap.add_argument("--baseline-src", default=None, metavar="SRC",
+                    help="--authors: also time the transformer_attribution of another vitlens source tree "
+                         "(its src folder), interleaved: before/after in one process")
     ap.add_argument("--check-images", type=int, default=3, help="--authors: images in the equality check")
     args = ap.parse_args(argv)
     if args.threads:
