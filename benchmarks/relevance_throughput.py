@@ -137,9 +137,12 @@ def syncs(fn, device) -> str:
 
 
 @contextlib.contextmanager
-def cuda_is_identity():
+def cuda_is_identity(active: bool = True):
     """``Tensor.cuda`` as the identity for the duration of the block (the authors' code calls it
-    unconditionally); restored afterwards."""
+    unconditionally; ``active=False`` on a GPU: their calls then stand); restored afterwards."""
+    if not active:
+        yield
+        return
     saved = torch.Tensor.cuda
     torch.Tensor.cuda = lambda self, *a, **k: self
     try:
@@ -212,18 +215,19 @@ def authors_side_by_side(args, model, device, start_layer: int) -> None:
     images = torch.randn(bmax, 3, args.img_size, args.img_size, device=device)
 
     def run_theirs(x1):
-        with cuda_is_identity():
+        with cuda_is_identity(device.type == "cpu"):
             return lrp.generate_LRP(x1, method="transformer_attribution", start_layer=start_layer).detach()
 
     # the check runs both in float64 (their code and ours on the same float64 weights and images):
     # in float32 both round at the residual rule's cancelling sums, ~1e-3 apart on random weights
     n = min(args.check_images, bmax)
     theirs64, lrp64 = load_authors(args.authors, copy.deepcopy(model).cpu().double())
+    theirs64.to(device)
     model64, x64 = copy.deepcopy(model).double(), images[:n].double()
     ours = explain(model64, x64, "transformer_attribution", start_layer=start_layer)
     worst = worst32 = 0.0
     for i in range(n):
-        with cuda_is_identity():
+        with cuda_is_identity(device.type == "cpu"):
             a = lrp64.generate_LRP(x64[i:i + 1].to(device), method="transformer_attribution",
                                    start_layer=start_layer).detach().reshape(ours[i].shape)
         worst = max(worst, ((a - ours[i]).abs().max() / a.abs().max()).item())
