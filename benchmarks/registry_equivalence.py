@@ -136,8 +136,16 @@ def main() -> int:
     extra = sorted(set(maps) - set(ref["maps"]))
     print(f"{len(ref['maps']) - len(bad)} of {len(ref['maps'])} tensors torch.equal; "
           f"{len(bad)} differ{'' if not extra else f'; {len(extra)} new'}")
+    def rel(k):  # max |diff| / max |before| (inf: missing or a different shape / dtype)
+        if k not in maps or maps[k].shape != ref["maps"][k].shape or maps[k].dtype != ref["maps"][k].dtype:
+            return float("inf")
+        a, b = maps[k].double(), ref["maps"][k].double()
+        return ((a - b).abs().max() / b.abs().max().clamp(min=1e-300)).item() if b.numel() else 0.0
     for k in bad[:20]:
-        print("  DIFFERS:", k)
+        print(f"  DIFFERS: {k}  (max |diff| / max |before| = {rel(k):.1e})")
+    if bad:
+        worst = max(bad, key=rel)
+        print(f"largest relative difference: {rel(worst):.1e} ({worst})")
     worse = []
     for k, before in ref["peaks"].items():
         after = peaks.get(k)

@@ -17,18 +17,33 @@ FlopCounterMode; elementwise work is not counted). ``--cost-only`` prints only t
 machine can check a GPU memory budget. On CUDA, ``--check-sync`` runs each method once under
 ``torch.cuda.set_sync_debug_mode("error")`` and reports whether it synchronised with the host.
 
+``--authors PATH``: the authors' implementation side by side (Chefer, Gur & Wolf, a local clone
+of github.com/hila-chefer/Transformer-Explainability; it is not installable and needs
+``einops``). Their ViT copy (``baselines/ViT/ViT_LRP.py``) gets the timm model's weights, their
+``LRP.generate_LRP`` runs at batch 1 (all it supports) with its ``.cuda()`` calls made the
+identity on CPU for the duration of the call (their files are not modified); their map is first
+checked against ours on a few images, then both are timed interleaved in one process
+(``--repeats`` rounds, medians): ours at each ``--batch-sizes``, theirs at batch 1, the forward
+pass at the largest batch. Without ``--authors`` the ratio to the forward pass is the yardstick.
+``--baseline-src SRC`` adds the rows of another vitlens source tree (an older commit's ``src``),
+interleaved in the same rounds: before/after in one process.
+
     python benchmarks/relevance_throughput.py --model vit_small_patch16_224 --img-size 224 \
         --batch-sizes 1 16 --device cpu
     python benchmarks/relevance_throughput.py --model vit_base_patch16_224 --batch-sizes 64 \
         --precision bf16 --cost-only
+    python benchmarks/relevance_throughput.py --authors ~/src/Transformer-Explainability \
+        --methods transformer_attribution --batch-sizes 16 1 --device cpu --repeats 5
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import copy
+import importlib
 import os
 import statistics
+import sys
 import time
 
 import timm
@@ -121,6 +136,154 @@ def syncs(fn, device) -> str:
         torch.cuda.set_sync_debug_mode("default")
 
 
+@contextlib.contextmanager
+def cuda_is_identity(active: bool = True):
+    """``Tensor.cuda`` as the identity for the duration of the block (the authors' code calls it
+    unconditionally; ``active=False`` on a GPU: their calls then stand); restored afterwards."""
+    if not active:
+        yield
+        return
+    saved = torch.Tensor.cuda
+    torch.Tensor.cuda = lambda self, *a, **k: self
+    try:
+        yield
+    finally:
+        torch.Tensor.cuda = saved
+
+
+def load_authors(path: str, model: torch.nn.Module):
+    """The authors' ViT (``baselines/ViT/ViT_LRP.py``) with ``model``'s weights, and their ``LRP``
+    explainer; a one-line error naming what is missing."""
+    root = os.path.abspath(os.path.expanduser(path))
+    if not os.path.isfile(os.path.join(root, "baselines", "ViT", "ViT_LRP.py")):
+        raise SystemExit(f"--authors {path}: no baselines/ViT/ViT_LRP.py there; give the root of a "
+                         "clone of github.com/hila-chefer/Transformer-Explainability")
+    try:
+        import einops  # noqa: F401
+    except ImportError:
+        raise SystemExit("--authors: their code imports einops, which is not installed: pip install einops")
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    from baselines.ViT.ViT_LRP import VisionTransformer as AuthorsViT
+    from baselines.ViT.ViT_explanation_generator import LRP
+
+    blk = model.blocks[0]
+    if (getattr(model, "global_pool", "token") != "token" or model.num_prefix_tokens != 1
+            or model.pos_embed is None or not isinstance(model.norm, torch.nn.LayerNorm)
+            or not isinstance(blk.ls1, torch.nn.Identity) or blk.attn.qkv.bias is None):
+        raise SystemExit("--authors: their ViT is the original one (class token, LayerNorm, qkv bias, "
+                         "no LayerScale); choose a model like vit_small_patch16_224")
+    D = model.embed_dim
+    theirs = AuthorsViT(img_size=model.patch_embed.img_size, patch_size=model.patch_embed.patch_size[0],
+                        num_classes=model.num_classes, embed_dim=D, depth=len(model.blocks),
+                        num_heads=blk.attn.num_heads, mlp_ratio=blk.mlp.fc1.out_features / D,
+                        qkv_bias=True)
+    # same parameter names as timm's ViT (which has no extra parameters for this layout)
+    theirs.load_state_dict(model.state_dict(), strict=True)
+    theirs.norm.eps = model.norm.eps  # theirs: 1e-5, timm: 1e-6
+    theirs = theirs.to(next(model.parameters()).dtype).eval()
+    return theirs, LRP(theirs)
+
+
+def explain_from(src: str):
+    """``explain`` of another vitlens source tree (e.g. ``git worktree add /tmp/old <commit>``,
+    then ``/tmp/old/src``), imported beside this one as separate module objects: before/after
+    in one process. (vitlens.relevance imports nothing of vitlens inside functions, so the two
+    copies do not mix.)"""
+    src = os.path.abspath(os.path.expanduser(src))
+    if not os.path.isfile(os.path.join(src, "vitlens", "relevance", "__init__.py")):
+        raise SystemExit(f"--baseline-src {src}: no vitlens/relevance there; give the src folder of a checkout")
+    ours = {k: v for k, v in sys.modules.items() if k == "vitlens" or k.startswith("vitlens.")}
+    for k in ours:
+        del sys.modules[k]
+    sys.path.insert(0, src)
+    try:
+        return importlib.import_module("vitlens.relevance").explain
+    finally:
+        sys.path.remove(src)
+        for k in [k for k in sys.modules if k == "vitlens" or k.startswith("vitlens.")]:
+            del sys.modules[k]
+        sys.modules.update(ours)
+
+
+def authors_side_by_side(args, model, device, start_layer: int) -> None:
+    """The authors' transformer_attribution beside ours: equality check, then interleaved timing."""
+    theirs, lrp = load_authors(args.authors, copy.deepcopy(model).cpu().float())
+    theirs = theirs.to(device)
+    torch.manual_seed(1)
+    bmax = max(args.batch_sizes)
+    images = torch.randn(bmax, 3, args.img_size, args.img_size, device=device)
+
+    def run_theirs(x1):
+        with cuda_is_identity(device.type == "cpu"):
+            return lrp.generate_LRP(x1, method="transformer_attribution", start_layer=start_layer).detach()
+
+    # the check runs both in float64 (their code and ours on the same float64 weights and images):
+    # in float32 both round at the residual rule's cancelling sums, ~1e-3 apart on random weights
+    n = min(args.check_images, bmax)
+    theirs64, lrp64 = load_authors(args.authors, copy.deepcopy(model).cpu().double())
+    theirs64.to(device)
+    model64, x64 = copy.deepcopy(model).double(), images[:n].double()
+    ours = explain(model64, x64, "transformer_attribution", start_layer=start_layer)
+    worst = worst32 = 0.0
+    for i in range(n):
+        with cuda_is_identity(device.type == "cpu"):
+            a = lrp64.generate_LRP(x64[i:i + 1].to(device), method="transformer_attribution",
+                                   start_layer=start_layer).detach().reshape(ours[i].shape)
+        worst = max(worst, ((a - ours[i]).abs().max() / a.abs().max()).item())
+        a32 = run_theirs(images[i:i + 1]).reshape(ours[i].shape)
+        o32 = explain(model, images[i:i + 1], "transformer_attribution", start_layer=start_layer,
+                      precision=args.precision)[0]
+        worst32 = max(worst32, ((a32 - o32).abs().max() / a32.abs().max()).item())
+    del theirs64, lrp64, model64
+    ok = worst < 1e-6
+    print(f"authors' code ({args.authors}): transformer_attribution start_layer={start_layer}, "
+          f"their map vs ours on {n} images, max |diff| / max |theirs|: float64 {worst:.1e} "
+          f"({'equal' if ok else 'NOT EQUAL: timing not comparable'}), as timed (float32 / "
+          f"{args.precision or 'model dtype'}) {worst32:.1e}")
+    if not ok:
+        raise SystemExit(1)
+
+    def fwd():
+        with torch.no_grad():
+            model(images)
+
+    calls = [("forward", bmax, fwd)]
+    calls += [("transformer_attribution (ours)", bs,
+               lambda bs=bs: explain(model, images[:bs], "transformer_attribution", start_layer=start_layer,
+                                     precision=args.precision))
+              for bs in args.batch_sizes]
+    if args.baseline_src:
+        old = explain_from(args.baseline_src)
+        ref = explain(model, images[:2], "transformer_attribution", start_layer=start_layer, precision=args.precision)
+        was = old(model, images[:2], "transformer_attribution", start_layer=start_layer, precision=args.precision)
+        print(f"baseline {args.baseline_src}: its map vs this tree's, max |diff| / max: "
+              f"{((was - ref).abs().max() / ref.abs().max()).item():.1e} (float32)")
+        calls += [("transformer_attribution (baseline src)", bs,
+                   lambda bs=bs: old(model, images[:bs], "transformer_attribution", start_layer=start_layer,
+                                     precision=args.precision))
+                  for bs in args.batch_sizes]
+    calls.append(("transformer_attribution (authors')", 1, lambda: run_theirs(images[:1])))
+    for _, _, fn in calls:  # warm-up
+        for _ in range(args.warmup):
+            fn()
+    times = {name + str(bs): [] for name, bs, _ in calls}
+    for _ in range(args.repeats):  # interleaved rounds
+        for name, bs, fn in calls:
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times[name + str(bs)].append((time.perf_counter() - t0) / bs)
+    ms = {k: 1000 * statistics.median(v) for k, v in times.items()}
+    base, authors = ms[f"forward{bmax}"], ms["transformer_attribution (authors')1"]
+    print(f"interleaved, {args.repeats} rounds, median ms/image")
+    print(f"{'batch':>5} {'what':<40} {'ms/image':>9} {'x forward':>9} {'authors/this':>12}")
+    for name, bs, _ in calls:
+        v = ms[name + str(bs)]
+        print(f"{bs:>5} {name:<40} {v:>9.1f} {v / base:>9.2f} {authors / v:>12.2f}")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="vit_small_patch16_224")
@@ -139,6 +302,15 @@ def main(argv=None):
                     help="only the device-free columns (meta device: no timing)")
     ap.add_argument("--check-sync", action="store_true",
                     help="CUDA: report whether each method synchronises with the host")
+    ap.add_argument("--authors", default=None, metavar="PATH",
+                    help="a clone of hila-chefer/Transformer-Explainability: their transformer_attribution "
+                         "side by side (checked equal first), timed interleaved with ours")
+    ap.add_argument("--start-layer", type=int, default=None,
+                    help="transformer_attribution's start_layer for --authors (default: ours, 1)")
+    ap.add_argument("--baseline-src", default=None, metavar="SRC",
+                    help="--authors: also time the transformer_attribution of another vitlens source tree "
+                         "(its src folder), interleaved: before/after in one process")
+    ap.add_argument("--check-images", type=int, default=3, help="--authors: images in the equality check")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -155,6 +327,14 @@ def main(argv=None):
           f"peak memory: {'cuda max_memory_allocated' if device.type == 'cuda' else 'peak RSS (VmHWM) growth'}")
     header = (f"{'batch':>5} {'what':<26} {'images/s':>9} {'ms/image':>9} {'x forward':>9} "
               f"{'peak MiB':>9} {'tensor GiB':>10} {'GFLOP/img':>9} {'host sync':>9}")
+    if args.authors:
+        if args.cost_only:
+            raise SystemExit("--authors times their code: it cannot run with --cost-only")
+        from vitlens.relevance.registry import get_method
+        start = (args.start_layer if args.start_layer is not None
+                 else get_method("transformer_attribution").defaults()["start_layer"])
+        authors_side_by_side(args, model, device, start)
+        return
     for bs in args.batch_sizes:
         def calls(net, images):
             # no autocast on meta: its forward baselines count float32 bytes (same FLOPs)

@@ -24,7 +24,12 @@ EPS = 1e-9
 
 def sdiv(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a / (b + 1e-9)``, and 0 where ``b == 0`` exactly (the authors' ``safe_divide``)."""
-    return (a / (b + EPS)).masked_fill_(b == 0, 0)
+    den = b + EPS
+    if a.shape == den.shape and a.dtype == den.dtype and not (a.requires_grad or den.requires_grad):
+        q = torch.div(a, den, out=den)  # one buffer for the denominator and the quotient
+    else:
+        q = a / den
+    return q.masked_fill_(b == 0, 0)
 
 
 def _mm(bb: Backbone, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -104,14 +109,15 @@ def residual_rule(u: torch.Tensor, v: torch.Tensor, z: torch.Tensor, R: torch.Te
     their absolute sums and together conserve ``sum R``; the sums run per sample.
     """
     S = sdiv(R, z)
-    Ru, Rv = u * S, v * S
+    Ru = u * S
+    Rv = S.mul_(v) if S.shape == v.shape else v * S  # S is not read again: its buffer is Rv's
     if plain:
         return Ru, Rv
     dims = tuple(range(1, R.dim()))
     su, sv, s = Ru.sum(dims, keepdim=True), Rv.sum(dims, keepdim=True), R.sum(dims, keepdim=True)
     total = su.abs() + sv.abs()
-    Ru = Ru * sdiv(sdiv(su.abs(), total) * s, su)
-    Rv = Rv * sdiv(sdiv(sv.abs(), total) * s, sv)
+    Ru.mul_(sdiv(sdiv(su.abs(), total) * s, su))
+    Rv.mul_(sdiv(sdiv(sv.abs(), total) * s, sv))
     return Ru, Rv
 
 
@@ -204,7 +210,9 @@ def block_rule(bb: Backbone, w: BlockWeights, t: BlockTrace, R: torch.Tensor, *,
     # matmuls every operand is cast once and the products are taken in the compute dtype.
     low = bb.rounding
     attn, q = t.attn[:, :, :n], t.q[:, :, :n]
-    S = sdiv(R_heads, t.heads[:, :, :n]).mul_(0.5)
+    # contiguous once: R_heads and heads are (B, n, H, d) in memory, and both matmuls below
+    # would otherwise copy S to a (B * H, n, d) layout each
+    S = sdiv(R_heads, t.heads[:, :, :n]).mul_(0.5).contiguous()
     if low:
         S = S.to(bb.mm_dtype)
         R_attn = torch.mul(S @ t.v.to(bb.mm_dtype).transpose(-2, -1), attn)
