@@ -18,7 +18,7 @@ def test_audit_writes_verdicts_mean_maps_and_hotspots(tiny_classifier_checkpoint
     # eager thresholds: every class is suspected, so the hotspot pictures are written too
     code = explain.main(["audit", "--ckpt", str(tiny_classifier_checkpoint), "--data.path", str(tiny_dataset_dir),
                          "--split", "val", "--out", str(out), "--no-progress", "--wandb",
-                         "--thresholds", '{"position_fire": 0.1, "position_clear": 0.1, "min_images": 1}'])
+                         "--thresholds", '{"position_fire": 0.1, "position_clear": 0.1, "min_images": 1, "min_recognition": null}'])
     assert code == 0
     report = json.loads((out / "audit.json").read_text())
     assert report["meta"]["n_images"] == 16 and report["meta"]["split"] == "val"

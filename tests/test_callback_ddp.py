@@ -70,7 +70,7 @@ SCRIPT = textwrap.dedent(
 
     # 3. the shortcut alarm (eager thresholds): judged once, on rank 0; one alarms file
     eager = dict(position_fire=0.5, position_clear=0.4, object_fire=100.0, object_clear=200.0, patience=1,
-                 warmup_epochs=1, min_images=1)
+                 warmup_epochs=1, min_images=1, min_recognition=None)
     alarmed = ExplanationCallback(num_samples=4, perturbation_samples=0, shortcut_samples=16, batch_size=4, strict=True,
                                   shortcut_thresholds=eager)
     with warnings.catch_warnings(record=True) as caught:

@@ -11,6 +11,7 @@ from vitlens.metrics import object_masks
 from vitlens.metrics.shortcut import (
     ShortcutAlarm,
     ShortcutThresholds,
+    class_recognition,
     object_share,
     position_consistency,
     region_name,
@@ -92,12 +93,56 @@ def test_alarm_hysteresis_patience_warmup_and_state():
     assert "2 alarm(s)" in alarm.summary()
 
 
+def test_class_recognition_is_chance_corrected_and_needs_recall_and_precision():
+    labels = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3])
+    assert class_recognition(labels, labels, 4) == [1.0, 1.0, 1.0, 1.0]
+    # everything called class 0: recall 1 on class 0 but precision 1/4 (chance) -> 0; the others -> -1/3
+    assert class_recognition(labels, torch.zeros(16), 4) == pytest.approx([0.0, -1 / 3, -1 / 3, -1 / 3])
+    # class 1 half right (recall 1/2, precision 1): (1/2 - 1/4) / (3/4) = 1/3; class 2 gets the rest of 1's
+    predicted = labels.clone()
+    predicted[4:6] = 2
+    assert class_recognition(labels, predicted, 4) == pytest.approx([1.0, 1 / 3, (4 / 6 - 0.25) / 0.75, 1.0])
+    assert np.isnan(class_recognition(labels, labels, 5)[4])  # no images of class 4
+    with pytest.raises(ValueError, match="16 labels but 3 predictions"):
+        class_recognition(labels, labels[:3], 4)
+
+
+def test_unrecognised_classes_are_not_judged_and_replay_agrees():
+    t = ShortcutThresholds(position_fire=3.0, position_clear=2.0, patience=2, warmup_epochs=1, min_recognition=0.5)
+    alarm = ShortcutAlarm(t)
+    names = ["a", "b", "c", "d"]
+    fired = {}
+    # class a piles up every epoch; recognised only from epoch 2 on (patience restarts there)
+    recognised = [0.0, 0.2, 0.6, 0.9, 0.9]
+    for epoch, r in enumerate(recognised):
+        events = alarm.update(epoch, _signals(5.0), names, (64, 64), recognition=[r, 1.0, 1.0, 1.0])
+        assert ("a" in alarm.not_judged) == (r < 0.5)
+        assert ("not judged" in alarm.not_judged_message(epoch)) == (r < 0.5)
+        for e in events:
+            fired[epoch] = (e.kind, e.class_name)
+    assert fired == {3: ("fired", "a")}
+    assert alarm.history[0]["recognition|a"] == 0.0 and alarm.history[0]["position|m|a"] == 5.0  # kept for replay
+    assert replay_alarm(alarm.history, t) == [(3, "position|m|a")]
+    assert replay_alarm(alarm.history, ShortcutThresholds(position_fire=3.0, position_clear=2.0, patience=2,
+                                                          warmup_epochs=1, min_recognition=None)) == [(1, "position|m|a")]
+    assert "not judged while the model did not recognise the class" in alarm.summary()
+    assert "a in epoch(s) 0, 1" in alarm.summary()
+    # an active alarm stays active through epochs where the class is not recognised (no clear either)
+    alarm.update(5, _signals(1.0), names, (64, 64), recognition=[0.0, 1.0, 1.0, 1.0])
+    assert "position|m|a" in alarm.active
+    alarm.update(6, _signals(1.0), names, (64, 64), recognition=[0.9, 1.0, 1.0, 1.0])
+    assert "position|m|a" not in alarm.active
+
+
 def test_thresholds_validate():
     with pytest.raises(ValueError, match="position_clear"):
         ShortcutThresholds(position_fire=2.0, position_clear=3.0)
     with pytest.raises(ValueError, match="unknown key 'fire'"):
         ShortcutThresholds.from_options({"fire": 2})
     assert ShortcutThresholds.from_options({"patience": 3}).patience == 3
+    assert ShortcutThresholds.from_options({"min_recognition": None}).min_recognition is None
+    with pytest.raises(ValueError, match="min_recognition must be a number in \\[-1, 1\\] or None"):
+        ShortcutThresholds(min_recognition=2)
 
 
 def test_object_masks_mask_where_there_is_one_else_the_box():

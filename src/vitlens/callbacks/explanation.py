@@ -42,6 +42,9 @@ What is logged, in one step per explained epoch (W&B keys; TensorBoard uses the 
   mean map's peak mass over the random control's, :mod:`vitlens.metrics.shortcut`);
   with masks or boxes also ``object_share``/``object_ratio`` (per class and overall,
   ``object_ratio_min``). ``shortcut/<method>/class_mean_maps``: the per-class mean maps (images).
+- ``shortcut/<class>/recognition``: how well the model tells the class apart on the explained
+  images (chance-corrected, :func:`vitlens.metrics.shortcut.class_recognition`); classes below
+  ``min_recognition`` are not judged that epoch (an info line names them, the end-of-fit summary too).
 - When the alarm fires: a W&B alert (``run.alert``), the run summary's ``shortcut/...`` keys and
   the ``shortcut/alarms`` table; ``shortcut_alarms.csv`` for CSV / no logger; text on
   TensorBoard; always a one-line :class:`ShortcutWarning` naming the classes, method and region,
@@ -65,7 +68,7 @@ from torch.utils.data import default_collate
 from vitlens.callbacks.backends import Backend, FilesBackend, backend_for
 from vitlens.callbacks.probe import dataset_class_names, dataset_labels, stratified_order
 from vitlens.callbacks.result import RANDOM, EpochResult, compute_shard, correlation, merge, signals_of
-from vitlens.metrics.shortcut import ShortcutAlarm, ShortcutThresholds
+from vitlens.metrics.shortcut import ShortcutAlarm, ShortcutThresholds, class_recognition
 from vitlens.relevance import METHODS, PRECISIONS, explain_many
 from vitlens.relevance.heatmap import SIGNED
 from vitlens.relevance.registry import with_options
@@ -103,7 +106,7 @@ class ExplanationCallback(Callback):
         shortcut_alarm: judge the shortcut signals and raise alarms (False: signals are still logged).
         shortcut_thresholds: overrides of :class:`vitlens.metrics.shortcut.ShortcutThresholds`
             (``position_fire``, ``position_clear``, ``object_fire``, ``object_clear``,
-            ``min_images``, ``patience``, ``warmup_epochs``).
+            ``min_images``, ``min_recognition``, ``patience``, ``warmup_epochs``).
         on_shortcut: ``"warn"`` (default: alert and warn, training goes on) or ``"stop"``
             (also stop training at the end of the epoch the alarm fires).
         strict: re-raise errors instead of warning and switching off (for tests).
@@ -404,8 +407,12 @@ class ExplanationCallback(Callback):
         num_classes = len(self.class_names) if self.class_names else int(getattr(pl_module, "num_classes", 0) or 0)
         num_classes = max(num_classes, int(result.labels.max()) + 1 if len(result.labels) else 0)
         result.signals = signals_of(result, num_classes)
+        result.recognition = class_recognition(result.labels, result.predictions, num_classes)
         if self.shortcut_alarm:
-            result.events = self.alarm.update(result.epoch, result.signals, result.class_labels(), result.image_size)
+            result.events = self.alarm.update(result.epoch, result.signals, result.class_labels(), result.image_size,
+                                              recognition=result.recognition)
+            if self.alarm.not_judged:
+                rank_zero_info(self.alarm.not_judged_message(result.epoch))
         self.last_result = result
         scalars = result.scalars()
         backends = self._active_backends(trainer)

@@ -36,6 +36,7 @@ class Shard:
 
     positions: list[int]
     labels: list[int]
+    predictions: list[int]  # predicted class of every explained image (the class its maps explain)
     probe_positions: list[int]
     index: list[int]
     label: list[int]
@@ -70,11 +71,13 @@ class EpochResult:
     perturbation: dict[str, PerturbationResult]
     localisation: dict[str, dict[str, np.ndarray]]  # over every explained image, in stratified order
     labels: np.ndarray  # labels of every explained image
+    predictions: np.ndarray  # predicted classes of every explained image (what the coarse maps explain)
     coarse: dict[str, torch.Tensor]
     all_positions: list[int]  # stratified-order positions of every explained image
     drift: dict[str, list[float]] = field(default_factory=dict)  # per method and probe row; NaN the first time
     signals: dict[str, ShortcutSignals] = field(default_factory=dict)
     events: list[ShortcutEvent] = field(default_factory=list)  # shortcut alarms fired/cleared this epoch
+    recognition: list[float] = field(default_factory=list)  # per class (class_recognition on every explained image)
 
     @property
     def methods(self) -> list[str]:
@@ -113,6 +116,9 @@ class EpochResult:
         names = self.class_labels()
         for signals in self.signals.values():
             out.update(signals.scalars("shortcut", names))
+        for name, value in zip(names, self.recognition):
+            if math.isfinite(value):
+                out[f"shortcut/{name}/recognition"] = value
         return out
 
 
@@ -168,7 +174,7 @@ def compute_shard(
     shown_wrong = wrong[probe]
 
     shard = Shard(
-        positions=list(positions), labels=labels.tolist(), probe_positions=where[probe_cpu].tolist(),
+        positions=list(positions), labels=labels.tolist(), predictions=predictions.tolist(), probe_positions=where[probe_cpu].tolist(),
         index=(batch["index"] if "index" in batch else where)[probe_cpu].tolist(),
         label=labels[probe].tolist(), prediction=predictions[probe].tolist(),
         probability=probabilities[probe].gather(1, predictions[probe, None]).squeeze(1).tolist(),
@@ -241,7 +247,8 @@ def merge(shards: Sequence[Shard | None], *, epoch: int, step: int, class_names:
         image=rows(lambda s: s.image), maps={m: rows(lambda s, m=m: s.maps[m]) for m in methods},
         overlay={m: rows(lambda s, m=m: s.overlay[m]) for m in methods}, overlay_predicted=overlay_predicted,
         perturbation=perturbation, localisation=localisation,
-        labels=np.array([shards[r].labels[i] for _, r, i in every], dtype=np.int64), coarse=coarse,
+        labels=np.array([shards[r].labels[i] for _, r, i in every], dtype=np.int64),
+        predictions=np.array([shards[r].predictions[i] for _, r, i in every], dtype=np.int64), coarse=coarse,
         all_positions=[p for p, _, _ in every],
     )
     return result

@@ -19,6 +19,10 @@ only its relevance maps show it. Two signals, both cheap (they reuse maps alread
 :class:`ShortcutAlarm` turns the per-epoch signals into alarms with hysteresis: a (method,
 class) pair fires after its signal crossed the *fire* threshold for ``patience`` explained
 epochs in a row, and is cleared only when it comes back past the *clear* threshold.
+A class is judged only when the model *recognises* it (:func:`class_recognition`): a model
+that cannot tell a class apart has learned no cue for it, shortcut or otherwise, and the maps
+of a near-chance model wander (in a clean fit they can leave the object for a few epochs); a
+real shortcut gives a high accuracy, since the shortcut is in the validation split too.
 :func:`audit_shortcuts` runs the same analysis over a whole split (``explain.py audit``).
 """
 from __future__ import annotations
@@ -42,6 +46,9 @@ __all__ = [
     "object_share",
     "shortcut_signals",
     "region_name",
+    "class_recognition",
+    "replay_alarm",
+    "judged_values",
     "audit_shortcuts",
     "AuditReport",
 ]
@@ -61,6 +68,10 @@ class ShortcutThresholds:
             the random control's (needs masks or boxes; 1.0 = no better than chance).
         object_clear: clear when the object ratio rises above this.
         min_images: classes with fewer explained images are not judged.
+        min_recognition: classes the model does not recognise yet are not judged: the class's
+            *recognition* on the explained images (:func:`class_recognition`: the smaller of its
+            recall and precision, chance-corrected, 0 = chance, 1 = every image right and no
+            other image called it) must be at least this. ``None``: judge every class.
         patience: explained epochs in a row past the fire threshold before it fires.
         warmup_epochs: epochs (0-based ``current_epoch`` below this) that never fire: the maps
             of a barely trained model say nothing.
@@ -71,6 +82,7 @@ class ShortcutThresholds:
     object_fire: float = 0.8
     object_clear: float = 1.2
     min_images: int = 4
+    min_recognition: float | None = 0.5
     patience: int = 2
     warmup_epochs: int = 2
 
@@ -79,6 +91,10 @@ class ShortcutThresholds:
             raise ValueError(f"shortcut thresholds: position_clear ({self.position_clear}) must be <= position_fire ({self.position_fire})")
         if not self.object_fire <= self.object_clear:
             raise ValueError(f"shortcut thresholds: object_clear ({self.object_clear}) must be >= object_fire ({self.object_fire})")
+        if self.min_recognition is not None and not (isinstance(self.min_recognition, (int, float))
+                                                     and -1 <= self.min_recognition <= 1):
+            raise ValueError(f"shortcut thresholds: min_recognition must be a number in [-1, 1] or None (judge every "
+                             f"class), got {self.min_recognition!r}")
         for name in ("min_images", "patience", "warmup_epochs"):
             value = getattr(self, name)
             if int(value) != value or value < (1 if name == "patience" else 0):
@@ -141,6 +157,33 @@ def region_name(row: float, col: float) -> str:
 
 
 NULL_DRAWS = 64
+
+
+def class_recognition(labels, predictions, num_classes: int) -> list[float]:
+    """Per class: how well the model tells it apart on these images, chance-corrected.
+
+    ``min(recall, precision)`` of the class (recall: share of its images predicted as it;
+    precision: share of the images predicted as it that are it; 0 if none is), mapped so that
+    chance (``1/C``) is 0 and perfect is 1: ``(x - 1/C) / (1 - 1/C)``. The minimum of the two:
+    a model that calls every image class A has recall 1 on A but precision ``1/C``; it has
+    learned nothing about A. NaN for classes without images."""
+    labels = torch.as_tensor(labels).cpu().long().flatten()
+    predictions = torch.as_tensor(predictions).cpu().long().flatten()
+    if labels.shape != predictions.shape:
+        raise ValueError(f"class_recognition: {len(labels)} labels but {len(predictions)} predictions")
+    chance = 1.0 / max(num_classes, 2)
+    out = []
+    for c in range(num_classes):
+        members, called = labels == c, predictions == c
+        n = int(members.sum())
+        if n == 0:
+            out.append(float("nan"))
+            continue
+        hits = int((members & called).sum())
+        recall = hits / n
+        precision = hits / int(called.sum()) if called.any() else 0.0
+        out.append((min(recall, precision) - chance) / (1 - chance))
+    return out
 
 
 def _null_peaks(norm: torch.Tensor, counts: list[int], draws: int = NULL_DRAWS, seed: int = 0) -> dict[int, float]:
@@ -354,35 +397,63 @@ class ShortcutAlarm:
     streak: dict[str, int] = field(default_factory=dict)  # "signal|method|class" -> epochs in a row past fire
     active: dict[str, int] = field(default_factory=dict)  # "signal|method|class" -> epoch it fired
     events: list[ShortcutEvent] = field(default_factory=list)
-    history: list[dict[str, float]] = field(default_factory=list)  # per explained epoch: the judged values
+    history: list[dict[str, float]] = field(default_factory=list)  # per explained epoch: the values (judged or not)
+    not_judged: dict[str, float] = field(default_factory=dict)  # the last epoch's unrecognised classes -> recognition
 
     def update(self, epoch: int, signals: dict[str, ShortcutSignals], class_names: Sequence[str],
-               image_size: tuple[int, int] | None = None) -> list[ShortcutEvent]:
-        """Judge one explained epoch; returns the events (fired/cleared) of this epoch."""
+               image_size: tuple[int, int] | None = None,
+               recognition: Sequence[float] | None = None) -> list[ShortcutEvent]:
+        """Judge one explained epoch; returns the events (fired/cleared) of this epoch.
+
+        ``recognition``: per class, :func:`class_recognition` on the explained images (None: every
+        class is recognised). A class below ``min_recognition`` is not judged this epoch (its
+        streak restarts; an active alarm stays active): :attr:`not_judged` names them. The
+        history keeps every value (``recognition|<class>`` too), so :func:`replay_alarm` can
+        re-judge it under other thresholds."""
         t = self.thresholds
         new: list[ShortcutEvent] = []
-        judged: dict[str, float] = {"epoch": epoch}
+        row: dict[str, float] = {"epoch": epoch}
+        self.not_judged = {}
+        for c, name in enumerate(class_names):
+            if recognition is not None and c < len(recognition) and math.isfinite(recognition[c]):
+                row[f"recognition|{name}"] = float(recognition[c])
+                if not _recognised(row, name, t):
+                    self.not_judged[name] = float(recognition[c])
         for method, s in signals.items():
             for c, name in enumerate(class_names):
                 pos = s.position
                 lift = pos.lift[c]
                 if pos.counts[c] >= t.min_images and math.isfinite(lift):
                     box = pos.pixel_box(c, image_size) if image_size else None
-                    judged[f"position|{method}|{name}"] = lift
+                    row[f"position|{method}|{name}"] = lift
                     new += self._judge("position", method, name, epoch, lift, lift >= t.position_fire,
-                                       lift < t.position_clear, t.position_fire, pos.region[c], box)
+                                       lift < t.position_clear, t.position_fire, pos.region[c], box,
+                                       judged=name not in self.not_judged)
                 objects = s.objects
                 if objects is not None and objects.counts[c] >= t.min_images and math.isfinite(objects.ratio[c]):
                     r = objects.ratio[c]
-                    judged[f"object|{method}|{name}"] = r
+                    row[f"object|{method}|{name}"] = r
                     new += self._judge("object", method, name, epoch, r, r <= t.object_fire, r > t.object_clear,
-                                       t.object_fire)
-        self.history.append(judged)
+                                       t.object_fire, judged=name not in self.not_judged)
+        self.history.append(row)
         self.events += new
         return new
 
-    def _judge(self, signal, method, name, epoch, value, past_fire, past_clear, threshold, region="", box=None):
+    def not_judged_message(self, epoch: int) -> str:
+        """One line naming the classes not judged this epoch and why ('' if every class was)."""
+        if not self.not_judged:
+            return ""
+        names = ", ".join(f"{name} ({value:.2f})" for name, value in self.not_judged.items())
+        return (f"shortcut alarm, epoch {epoch}: not judged, the model does not recognise them yet (recognition "
+                f"below min_recognition={self.thresholds.min_recognition:g}): {names}")
+
+    def _judge(self, signal, method, name, epoch, value, past_fire, past_clear, threshold, region="", box=None,
+               judged=True):
         key = f"{signal}|{method}|{name}"
+        if not judged:  # no evidence either way: the streak restarts, an active alarm stays active
+            if key not in self.active:
+                self.streak[key] = 0
+            return []
         if key in self.active:
             if past_clear:
                 del self.active[key]
@@ -402,8 +473,9 @@ class ShortcutAlarm:
     def summary(self) -> str:
         """One paragraph for the end of fitting: what fired, when, and what is still active."""
         fired = self.fired
+        skipped = self._not_judged_summary()
         if not fired:
-            return "shortcut alarm: no shortcut suspected in any explained epoch"
+            return "shortcut alarm: no shortcut suspected in any explained epoch" + skipped
         groups: dict[tuple[str, str, int], list[ShortcutEvent]] = {}
         for e in fired:
             groups.setdefault((e.method, e.signal, e.epoch), []).append(e)
@@ -411,7 +483,19 @@ class ShortcutAlarm:
         for (method, signal, epoch), events in groups.items():
             classes = ", ".join(f"{e.class_name}" + (f" ({e.region})" if e.region else "") for e in events)
             lines.append(f"  epoch {epoch}, {method}, {signal} signal: {classes}")
-        return "\n".join(lines)
+        return "\n".join(lines) + skipped
+
+    def _not_judged_summary(self) -> str:
+        epochs: dict[str, list[int]] = {}
+        for row in self.history:
+            for key in row:
+                if key.startswith("recognition|") and not _recognised(row, key.split("|", 1)[1], self.thresholds):
+                    epochs.setdefault(key.split("|", 1)[1], []).append(int(row["epoch"]))
+        if not epochs:
+            return ""
+        return ("\n  not judged while the model did not recognise the class (recognition below min_recognition="
+                f"{self.thresholds.min_recognition:g}): "
+                + "; ".join(f"{name} in epoch(s) {', '.join(map(str, e))}" for name, e in epochs.items()))
 
     def state_dict(self) -> dict[str, Any]:
         return {"thresholds": asdict(self.thresholds), "streak": dict(self.streak), "active": dict(self.active),
@@ -429,19 +513,37 @@ class ShortcutAlarm:
         self.history = [dict(h) for h in state.get("history", [])]
 
 
+def _recognised(row: Mapping[str, float], class_name: str, thresholds: ShortcutThresholds) -> bool:
+    """Whether a history row's class is judged under ``thresholds`` (no recognition value: yes)."""
+    value = row.get(f"recognition|{class_name}")
+    return thresholds.min_recognition is None or value is None or value >= thresholds.min_recognition
+
+
+def judged_values(row: Mapping[str, float], thresholds: ShortcutThresholds) -> dict[str, float]:
+    """The ``signal|method|class`` values of a history row that ``thresholds`` judge."""
+    return {k: v for k, v in row.items() if k.split("|")[0] in ("position", "object")
+            and _recognised(row, k.split("|", 2)[2], thresholds)}
+
+
 def replay_alarm(history: Iterable[dict[str, float]], thresholds: ShortcutThresholds) -> list[tuple[int, str]]:
     """Re-judge logged values (``ShortcutAlarm.history``) under other thresholds: [(epoch, key)] that fire.
 
-    For choosing thresholds from measurements without re-training."""
+    For choosing thresholds from measurements without re-training. A class whose
+    ``recognition|<class>`` value is below ``min_recognition`` is not judged (as in
+    :meth:`ShortcutAlarm.update`)."""
     streak: dict[str, int] = {}
     active: set[str] = set()
     fired = []
     for row in history:
         epoch = int(row["epoch"])
         for key, value in row.items():
-            if key == "epoch":
-                continue
             signal = key.split("|")[0]
+            if signal not in ("position", "object"):
+                continue
+            if not _recognised(row, key.split("|", 2)[2], thresholds):
+                if key not in active:
+                    streak[key] = 0
+                continue
             past_fire = value >= thresholds.position_fire if signal == "position" else value <= thresholds.object_fire
             past_clear = value < thresholds.position_clear if signal == "position" else value > thresholds.object_clear
             if key in active:
@@ -469,6 +571,7 @@ class AuditReport:
     examples: dict[str, dict[str, list[int]]]  # method -> class -> dataset indices of the images hottest in the hotspot
     thresholds: ShortcutThresholds
     meta: dict = field(default_factory=dict)
+    recognition: list[float] = field(default_factory=list)  # per class, class_recognition over the split
 
     def to_markdown(self, images: dict[str, str] | None = None) -> str:
         m = self.meta
@@ -485,12 +588,13 @@ class AuditReport:
             lines += [f"## {method}", "",
                       (f"**Shortcut suspected** for {len(suspected)} of {len(self.class_names)} classes: "
                        + ", ".join(suspected) if suspected else "No shortcut suspected."), ""]
-            header = "| class | images | position lift | hotspot | object ratio | verdict |"
-            lines += [header, "|---|---|---|---|---|---|"]
+            header = "| class | images | recognition | position lift | hotspot | object ratio | verdict |"
+            lines += [header, "|---|---|---|---|---|---|---|"]
             for c, name in enumerate(self.class_names):
                 obj = "–" if s.objects is None or not math.isfinite(s.objects.ratio[c]) else f"{s.objects.ratio[c]:.2f}"
                 ratio = s.position.lift[c]
-                lines.append(f"| {name} | {s.position.counts[c]} | {ratio:.2f} | {s.position.region[c]} | {obj} | "
+                known = f"{self.recognition[c]:.2f}" if c < len(self.recognition) else "–"
+                lines.append(f"| {name} | {s.position.counts[c]} | {known} | {ratio:.2f} | {s.position.region[c]} | {obj} | "
                              f"{self.verdicts[method][name]} |")
             lines.append("")
             if images and method in images:
@@ -523,7 +627,7 @@ def audit_shortcuts(model: torch.nn.Module, batches: Iterable[dict], methods: Se
     device = next(model.parameters()).device
     kept: dict[str, list[torch.Tensor]] = {m: [] for m in [*methods, "random"]}
     on_obj: dict[str, list[torch.Tensor]] = {m: [] for m in [*methods, "random"]}
-    labels, indices = [], []
+    labels, indices, predictions = [], [], []
     seen = correct = 0
     any_objects = False
     was_training = model.training
@@ -537,6 +641,7 @@ def audit_shortcuts(model: torch.nn.Module, batches: Iterable[dict], methods: Se
             y = batch["label"][:take].to(device)
             out = explain_many(model, images, requested, y, precision=precision)
             correct += int((out.logits.argmax(-1) == y).sum())
+            predictions.append(out.logits.argmax(-1).cpu())
             size = tuple(images.shape[-2:])
             found = object_masks({k: v[:take] for k, v in batch.items() if k in ("mask", "has_mask", "box", "has_box")}, size)
             objects = None if found is None else found[0]
@@ -561,6 +666,7 @@ def audit_shortcuts(model: torch.nn.Module, batches: Iterable[dict], methods: Se
         {m: maps[m] for m in methods}, labels_t, len(class_names), random_maps=maps["random"],
         on_object={m: torch.cat(on_obj[m]) for m in methods} if any_objects else None,
         random_on_object=torch.cat(on_obj["random"]) if any_objects else None)
+    recognition = class_recognition(labels_t, torch.cat(predictions), len(class_names))
     verdicts, suspected, hot = {}, {}, {}
     for m in methods:
         s = signals[m]
@@ -569,6 +675,10 @@ def audit_shortcuts(model: torch.nn.Module, batches: Iterable[dict], methods: Se
             reasons = []
             if s.position.counts[c] < thresholds.min_images:
                 verdicts[m][name] = f"too few images ({s.position.counts[c]})"
+                continue
+            if thresholds.min_recognition is not None and not recognition[c] >= thresholds.min_recognition:
+                verdicts[m][name] = (f"not judged: the model does not recognise this class (recognition "
+                                     f"{recognition[c]:.2f} < min_recognition {thresholds.min_recognition:g})")
                 continue
             if s.position.lift[c] >= thresholds.position_fire:
                 reasons.append(f"relevance piles up in the {s.position.region[c]} ({s.position.lift[c]:.1f}x chance "
@@ -591,4 +701,5 @@ def audit_shortcuts(model: torch.nn.Module, batches: Iterable[dict], methods: Se
     meta = {"n_images": seen, "accuracy": correct / seen, "has_objects": any_objects}
     if any(method_options or {}):  # what the maps were made with (the hotspot sheets reuse it)
         meta["method_options"] = {m: dict(o) for m, o in method_options.items() if o}
-    return AuditReport(list(methods), list(class_names), signals, verdicts, suspected, hot, thresholds, meta)
+    return AuditReport(list(methods), list(class_names), signals, verdicts, suspected, hot, thresholds, meta,
+                       recognition)

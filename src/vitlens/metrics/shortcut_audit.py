@@ -130,7 +130,7 @@ def _json(report: AuditReport) -> dict:
         per_class = {}
         for c, name in enumerate(report.class_names):
             per_class[name] = {
-                "images": s.position.counts[c], "position_lift": s.position.lift[c], "position_ratio": s.position.ratio[c],
+                "images": s.position.counts[c], "recognition": report.recognition[c], "position_lift": s.position.lift[c], "position_ratio": s.position.ratio[c],
                 "peak_mass": s.position.peak_mass[c], "chance_mass": s.position.chance_mass[c],
                 "hotspot": s.position.region[c], "hotspot_box": list(s.position.box[c]),
                 "object_share": None if s.objects is None else s.objects.share[c],
