@@ -37,12 +37,21 @@ def _abs(t: torch.Tensor) -> torch.Tensor:
     return torch.abs(t, out=torch.empty_like(t))
 
 
-def _matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    return torch.matmul(a, b, out=out)
+CPU_BLOCK_BYTES = 1 << 21  # the operands of one block of rows on a CPU: about a core's L2 cache
 
 
-def _gamma_backward(g, x, y, W, b, gamma, forward_abs, back):
-    """The generalised gamma rule (zennit ``Gamma``) as a gradient.
+def _block(n: int, bytes_per_row: int, device: torch.device) -> int:
+    """Rows per block for a row-wise computation whose operands take ``bytes_per_row``: about
+    ``CPU_BLOCK_BYTES`` on a CPU, all ``n`` rows at once elsewhere (a GPU's kernels stream
+    anyway, and each launch costs)."""
+    if device.type != "cpu":
+        return max(n, 1)
+    return max(16, CPU_BLOCK_BYTES // bytes_per_row)
+
+
+def _gamma_backward(g, x, y, W, b, gamma):
+    """The generalised gamma rule (zennit ``Gamma``) of ``y = F.linear(x, W, b)`` as a
+    gradient: ``g`` (..., out) -> (..., in).
 
     With ``W1 = W + gamma W+``, ``W2 = W + gamma W-`` (biases likewise), zennit's
     denominators are ``z+ = x+ W1 + x- W2 + b1`` (for outputs y > 0) and
@@ -53,9 +62,6 @@ def _gamma_backward(g, x, y, W, b, gamma, forward_abs, back):
     (two matmuls instead of eight). The relevance at the output is ``g y``; the gradient
     returned is ``R_x / (x +- 1e-10)`` (LXT's patched zennit hook).
 
-    ``forward_abs(|x|, W', b')`` / ``back(S, W')`` are the layer's forward / input-gradient
-    maps (``F.linear`` / ``S @ W'``, or the patch convolution and its transpose).
-
     Written for few element-wise passes (they, not the matmuls, dominate on a CPU): zennit's
     stabilised denominator is ``den = (1 + gamma/2) y + s (eps + gamma/2 a)`` with ``s = sign0(y)``,
     so ``|den| = (1 + gamma/2) |y| + eps + gamma/2 a`` (one matmul with ``gamma/2 |W|`` and bias
@@ -63,62 +69,18 @@ def _gamma_backward(g, x, y, W, b, gamma, forward_abs, back):
     ``S = g |r| = copysign(g r, g)`` and ``D = S s = g r``. Where ``y == 0`` both vanish
     (no relevance), whatever the sign of the zero. On the input side
     ``x / (x +- 1e-10) = q = |x| / (|x| + 1e-10)`` and ``|x| / (x +- 1e-10) = copysign(q, x)``.
+
+    The rule is row-wise (tokens), so on a CPU it runs in blocks of rows (``_block``), each
+    with the same ops on the same values (the result does not depend on the blocking): its
+    element-wise passes are memory-bound, and over whole (B, N, 4D) tensors each one streams
+    from memory, while a block of ~2 MiB of operands stays in the core's L2 cache from the
+    first matmul to the last (1.3-1.6x faster on the toy ViT's layers), in four scratch
+    buffers reused by every block.
     """
-    k = gamma / 2
-    ax = _abs(x)
-    buf = _abs(y)  # |y|, then S
-    if gamma != 0:
-        Wk = _abs(W).mul_(k)
-        bk = None if b is None else _abs(b).mul_(k).add_(ZENNIT_EPS)
-        den = forward_abs(ax, Wk, bk)
-        den.add_(buf, alpha=1 + k)
-        if b is None:
-            den.add_(ZENNIT_EPS)
-    else:
-        den = buf.add(ZENNIT_EPS)
-    D = torch.div(y, den, out=den).mul_(g)  # g y / |den|
-    S = torch.copysign(D, g, out=buf)
-    tmp = ax + INPUT_EPS
-    q = ax.div_(tmp)
-    grad = back(S, W if gamma == 0 else W * (1 + k)).mul_(q)
-    if gamma != 0:
-        grad.addcmul_(q.copysign_(x), back(D, Wk, out=tmp))
-    return grad
-
-
-def _save_gamma_context(ctx, inputs, output):
-    """What the gamma rule's backward reads (GammaLinear and GammaConv alike)."""
-    x, weight, bias, gamma = inputs
-    ctx.save_for_backward(x, weight, bias, output)
-    ctx.gamma = gamma
-
-
-CPU_CHUNK_BYTES = 1 << 21  # the working set of one row block of the gamma rule on a CPU (~ an L2 cache)
-
-
-def _block(n: int, bytes_per_row: int, device: torch.device) -> int:
-    """Rows per block for a row-wise computation whose operands take ``bytes_per_row``: about
-    ``CPU_CHUNK_BYTES`` on a CPU, all ``n`` rows at once elsewhere."""
-    if device.type != "cpu":
-        return max(n, 1)
-    return max(16, CPU_CHUNK_BYTES // bytes_per_row)
-
-
-def _gamma_linear_backward(g, x, y, W, b, gamma):
-    """``_gamma_backward`` for ``F.linear``, in blocks of rows (tokens) on a CPU.
-
-    The rule is row-wise, so each block of rows runs the same ops on the same values (the
-    result does not depend on the blocking). Its element-wise passes are memory-bound: over
-    whole (B, N, 4D) tensors each one streams from memory, while a block of ~2 MiB of
-    operands (``CPU_CHUNK_BYTES``) stays in the core's L2 cache from the first matmul to the
-    last (1.3-1.6x faster on the toy ViT's layers, 2 KiB - 6 MiB per tensor). One block on
-    other devices (a GPU's kernels stream anyway and each launch costs)."""
     n_in, n_out = x.shape[-1], y.shape[-1]
     x2, y2, g2 = x.reshape(-1, n_in), y.reshape(-1, n_out), g.reshape(-1, n_out)
     M = x2.shape[0]
-    rows = _block(M, 4 * (n_in + n_out) * x.element_size(), x.device)
-    if rows >= M:
-        return _gamma_backward(g2, x2, y2, W, b, gamma, F.linear, _matmul).view(x.shape)
+    rows = min(M, _block(M, 4 * (n_in + n_out) * x.element_size(), x.device))
     k = gamma / 2
     W1 = W if gamma == 0 else W * (1 + k)
     Wk = bk = None
@@ -126,24 +88,20 @@ def _gamma_linear_backward(g, x, y, W, b, gamma):
         Wk = _abs(W).mul_(k)
         bk = None if b is None else _abs(b).mul_(k).add_(ZENNIT_EPS)
     grad = torch.empty_like(x2)
-    bufs = (torch.empty(rows, n_in, dtype=x.dtype, device=x.device),
-            torch.empty(rows, n_in, dtype=x.dtype, device=x.device),
-            torch.empty(rows, n_out, dtype=x.dtype, device=x.device),
-            torch.empty(rows, n_out, dtype=x.dtype, device=x.device))
+    bufs = [torch.empty(rows, n, dtype=x.dtype, device=x.device) for n in (n_in, n_in, n_out, n_out)]
     for s in range(0, M, rows):
         e = min(s + rows, M)
-        _gamma_rows(g2[s:e], x2[s:e], y2[s:e], W1, Wk, bk, gamma, grad[s:e],
-                    *(t[:e - s] for t in bufs))
+        _gamma_rows(g2[s:e], x2[s:e], y2[s:e], W1, Wk, bk, gamma, grad[s:e], *(t[:e - s] for t in bufs))
     return grad.view(x.shape)
 
 
 def _gamma_rows(g, x, y, W1, Wk, bk, gamma, out, ax, tmp, buf, den):
-    """``_gamma_backward`` of ``F.linear`` on 2-D rows into ``out``, with the scratch buffers
-    ``ax``, ``tmp`` (like ``x``) and ``buf``, ``den`` (like ``y``); ``W1 = (1 + gamma/2) W``,
-    ``Wk = gamma/2 |W|``, ``bk = gamma/2 |b| + eps``: the same ops as ``_gamma_backward``."""
+    """``_gamma_backward`` on 2-D rows into ``out``, with the scratch buffers ``ax``, ``tmp``
+    (like ``x``) and ``buf``, ``den`` (like ``y``); ``W1 = (1 + gamma/2) W``,
+    ``Wk = gamma/2 |W|``, ``bk = gamma/2 |b| + eps``."""
     k = gamma / 2
     torch.abs(x, out=ax)
-    torch.abs(y, out=buf)
+    torch.abs(y, out=buf)  # |y|, then S
     if gamma != 0:
         if bk is None:
             torch.mm(ax, Wk.t(), out=den).add_(ZENNIT_EPS)
@@ -152,12 +110,19 @@ def _gamma_rows(g, x, y, W1, Wk, bk, gamma, out, ax, tmp, buf, den):
         den.add_(buf, alpha=1 + k)
     else:
         torch.add(buf, ZENNIT_EPS, out=den)
-    D = torch.div(y, den, out=den).mul_(g)
+    D = torch.div(y, den, out=den).mul_(g)  # g y / |den|
     S = torch.copysign(D, g, out=buf)
     q = ax.div_(torch.add(ax, INPUT_EPS, out=tmp))
     torch.mm(S, W1, out=out).mul_(q)
     if gamma != 0:
         out.addcmul_(q.copysign_(x), torch.mm(D, Wk, out=tmp))
+
+
+def _save_gamma_context(ctx, inputs, output):
+    """What the gamma rule's backward reads (GammaLinear and GammaConv alike)."""
+    x, weight, bias, gamma = inputs
+    ctx.save_for_backward(x, weight, bias, output)
+    ctx.gamma = gamma
 
 
 class GammaLinear(torch.autograd.Function):
@@ -172,7 +137,7 @@ class GammaLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         x, W, b, y = ctx.saved_tensors
-        return _gamma_linear_backward(g, x, y, W, b, ctx.gamma), None, None, None
+        return _gamma_backward(g, x, y, W, b, ctx.gamma), None, None, None
 
 
 class GammaConv(torch.autograd.Function):
@@ -186,17 +151,25 @@ class GammaConv(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
+        """The convolution's patches are disjoint, so the rule is ``GammaLinear``'s on the
+        (B * grid, C * ph * pw) patch matrix (its blocks, its matmuls; the convolution and
+        its transpose measured 2-3x slower on a CPU); pixels past the last whole patch get 0."""
         x, W, b, y = ctx.saved_tensors
-        stride = tuple(W.shape[-2:])
-        pad = (x.shape[-2] - y.shape[-2] * stride[0], x.shape[-1] - y.shape[-1] * stride[1])
+        B, C, H, Wd = x.shape
+        O, _, ph, pw = W.shape
+        gh, gw = y.shape[-2:]
 
-        def forward_abs(ax, w, bias):
-            return F.conv2d(ax, w, bias, stride=stride)
+        def patches(t):  # (B, C, gh * ph, gw * pw) -> (B * gh * gw, C * ph * pw)
+            t = t[:, :, :gh * ph, :gw * pw].reshape(B, C, gh, ph, gw, pw)
+            return t.permute(0, 2, 4, 1, 3, 5).reshape(B * gh * gw, C * ph * pw)
 
-        def back(S, w, out=None):  # ``out``: a buffer the result may reuse (unused here)
-            return F.conv_transpose2d(S, w, stride=stride, output_padding=pad)
+        def rows(t):  # (B, O, gh, gw) -> (B * gh * gw, O)
+            return t.permute(0, 2, 3, 1).reshape(B * gh * gw, O)
 
-        grad = _gamma_backward(g, x, y, W, b, ctx.gamma, forward_abs, back)
+        grad = _gamma_backward(rows(g), patches(x), rows(y), W.reshape(O, -1), b, ctx.gamma)
+        grad = grad.view(B, gh, gw, C, ph, pw).permute(0, 3, 1, 4, 2, 5).reshape(B, C, gh * ph, gw * pw)
+        if (gh * ph, gw * pw) != (H, Wd):
+            grad = F.pad(grad, (0, Wd - gw * pw, 0, H - gh * ph))
         return grad, None, None, None
 
 
@@ -234,7 +207,7 @@ class IdentityRuleGELU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         """``gelu(x) / (x + 1e-10) * g`` in blocks that stay in cache on a CPU (see
-        ``_gamma_linear_backward``): one pass over memory instead of four."""
+        ``_gamma_backward``): one pass over memory instead of four."""
         x, y = ctx.saved_tensors
         out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
         xf, yf, gf, of = x.reshape(-1), y.reshape(-1), g.reshape(-1), out.view(-1)
