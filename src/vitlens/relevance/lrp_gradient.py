@@ -120,16 +120,21 @@ def _gamma_rows(g, x, y, W1, Wk, bk, gamma, out, ax, tmp, buf, den):
 
 def _save_gamma_context(ctx, inputs, output):
     """What the gamma rule's backward reads (GammaLinear and GammaConv alike)."""
-    x, weight, bias, gamma = inputs
+    x, weight, bias, gamma = inputs[:4]
     ctx.save_for_backward(x, weight, bias, output)
     ctx.gamma = gamma
+    ctx.grad_from = inputs[4] if len(inputs) > 4 else 0
 
 
 class GammaLinear(torch.autograd.Function):
-    """``F.linear`` whose backward is the gamma rule (zennit ``Gamma(gamma)``, LXT form)."""
+    """``F.linear`` whose backward is the gamma rule (zennit ``Gamma(gamma)``, LXT form).
+
+    ``grad_from``: the first output feature that gradient can reach, the caller's promise
+    that the ones before it feed only ops without gradient (CP-LRP's q and k): the backward
+    then reads those columns' zero gradient no more (a third of the qkv layer's matmuls)."""
 
     @staticmethod
-    def forward(x, weight, bias, gamma):
+    def forward(x, weight, bias, gamma, grad_from=0):
         return F.linear(x, weight, bias)
 
     setup_context = staticmethod(_save_gamma_context)
@@ -137,7 +142,12 @@ class GammaLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         x, W, b, y = ctx.saved_tensors
-        return _gamma_backward(g, x, y, W, b, ctx.gamma), None, None, None
+        c = ctx.grad_from
+        if c:
+            n = y.shape[-1]
+            g, y, W = g.reshape(-1, n)[:, c:], y.reshape(-1, n)[:, c:], W[c:]
+            b = None if b is None else b[c:]
+        return _gamma_backward(g, x, y, W, b, ctx.gamma), None, None, None, None
 
 
 class GammaConv(torch.autograd.Function):
@@ -260,11 +270,18 @@ class GradientRuleSet:
 
     name: str
     attention: Callable  # (q, k, v, scale) -> softmax(q k^T scale) v with the rule set's backward
+    qk_gradient: bool = True  # whether ``attention`` passes gradient to q and k
     linear_gamma_option: str = "gamma_linear"
     conv_gamma_option: str = "gamma_conv"
 
-    def linear(self, x: torch.Tensor, layer: Linear, gamma: float) -> torch.Tensor:
-        return GammaLinear.apply(x, layer.weight, layer.bias, gamma)
+    def linear(self, x: torch.Tensor, layer: Linear, gamma: float, grad_from: int = 0) -> torch.Tensor:
+        """``grad_from``: see ``GammaLinear``."""
+        return GammaLinear.apply(x, layer.weight, layer.bias, gamma, grad_from)
+
+    def value_grad_from(self, width: int) -> int:
+        """``grad_from`` of a fused ``[q | k | v]`` / ``[k | v]`` projection whose key part has
+        ``width`` features: past q and k where the attention rule gives them no gradient."""
+        return 0 if self.qk_gradient else width
 
     def patch_embedding(self, images, weight, bias, gamma):
         return GammaConv.apply(images, weight, bias, gamma)
@@ -292,7 +309,7 @@ class GradientRuleSet:
         latent = pw.latent.expand(B, -1, -1)  # a parameter: no relevance flows to it
         q = latent if pw.q is None else F.linear(latent, pw.q.weight, pw.q.bias)
         q = self.layer_norm(q.view(B, 1, H, d).transpose(1, 2), pw.q_norm)
-        k, v = self.linear(tokens, pw.kv, gamma).view(B, M, 2, H, d).permute(2, 0, 3, 1, 4).unbind(0)
+        k, v = self.linear(tokens, pw.kv, gamma, self.value_grad_from(H * d)).view(B, M, 2, H, d).permute(2, 0, 3, 1, 4).unbind(0)
         heads = self.attention(q, self.layer_norm(k, pw.k_norm), v, pw.scale)
         y = self.linear(heads.transpose(1, 2).reshape(B, H * d), pw.proj, gamma)
         f = self.activation(self.linear(self.layer_norm(y, pw.norm), pw.fc1, gamma), pw.gelu_approximate)
@@ -301,7 +318,7 @@ class GradientRuleSet:
 
 RULE_SETS = {
     "attnlrp": GradientRuleSet("attnlrp", _uniform_attention),
-    "cp_lrp": GradientRuleSet("cp_lrp", _conservative_attention),
+    "cp_lrp": GradientRuleSet("cp_lrp", _conservative_attention, qk_gradient=False),
 }
 
 
@@ -333,7 +350,7 @@ def block_forward(bb: Backbone, rs: GradientRuleSet, w: BlockWeights, x: torch.T
     """timm's pre-norm ``Block`` in eval mode with the rule set's ops."""
     B, N, _ = x.shape
     h = rs.layer_norm(x, w.norm1)
-    qkv = rs.linear(h, w.qkv, gamma)
+    qkv = rs.linear(h, w.qkv, gamma, rs.value_grad_from(2 * w.num_heads * w.head_dim))
     q, k, v = qkv.view(B, N, 3, w.num_heads, w.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
     q, k = rs.layer_norm(q, w.q_norm), rs.layer_norm(k, w.k_norm)
     heads = rs.attention(q, k, v, w.scale)
