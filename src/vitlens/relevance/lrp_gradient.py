@@ -198,9 +198,23 @@ class LayerNormConstantScale(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g, _):
+        """``(g w - mean(g w)) * rstd``, in blocks of rows that stay in cache on a CPU (see
+        ``_gamma_backward``)."""
         weight, rstd = ctx.saved_tensors
-        gw = g if weight is None else g * weight
-        return (gw - gw.mean(-1, keepdim=True)) * rstd, None, None, None
+        C = g.shape[-1]
+        g2, r2 = g.reshape(-1, C), rstd.reshape(-1, 1)
+        out = torch.empty(g.shape, dtype=g.dtype, device=g.device)
+        o2 = out.view(-1, C)
+        M = g2.shape[0]
+        rows = _block(M, 4 * C * g.element_size(), g.device)
+        for s in range(0, M, rows):
+            o = o2[s:s + rows]
+            if weight is None:
+                o.copy_(g2[s:s + rows])
+            else:
+                torch.mul(g2[s:s + rows], weight, out=o)
+            o.sub_(o.mean(-1, keepdim=True)).mul_(r2[s:s + rows])
+        return out, None, None, None
 
 
 class IdentityRuleGELU(torch.autograd.Function):
