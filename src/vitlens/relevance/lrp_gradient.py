@@ -261,11 +261,46 @@ class ScaleGradient(torch.autograd.Function):
         return g * ctx.factor, None
 
 
+class SplitHeads(torch.autograd.Function):
+    """A fused projection's output (B, N, 3 H d) -> q, k, v (B, H, N, d), views; the
+    backward writes their gradients times ``factors`` straight into the (B, N, 3 H d)
+    gradient: one pass instead of three (scaling, autograd's stack, its copy to contiguous)."""
+
+    @staticmethod
+    def forward(qkv, heads, factors):
+        B, N, _ = qkv.shape
+        return qkv.view(B, N, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.heads, ctx.factors = inputs[1:]
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        ref = next(g for g in grads if g is not None)
+        B, H, N, d = ref.shape
+        out = torch.empty(B, N, 3, H, d, dtype=ref.dtype, device=ref.device)
+        for i, (g, f) in enumerate(zip(grads, ctx.factors)):
+            dst = out[:, :, i].transpose(1, 2)
+            if g is None:
+                dst.zero_()
+            elif f == 1:
+                dst.copy_(g)
+            else:
+                torch.mul(g, f, out=dst)
+        return out.view(B, N, 3 * H * d), None, None
+
+
+def _sdpa(q, k, v, scale):
+    return F.scaled_dot_product_attention(q, k, v, scale=scale)
+
+
 def _uniform_attention(q, k, v, scale):
     """AttnLRP: the uniform rule at both attention matmuls (q, k: 1/4; v: 1/2), the softmax by
     its plain gradient (fused attention)."""
     q, k, v = ScaleGradient.apply(q, 0.25), ScaleGradient.apply(k, 0.25), ScaleGradient.apply(v, 0.5)
-    return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    return _sdpa(q, k, v, scale)
 
 
 def _conservative_attention(q, k, v, scale):
@@ -285,12 +320,23 @@ class GradientRuleSet:
     name: str
     attention: Callable  # (q, k, v, scale) -> softmax(q k^T scale) v with the rule set's backward
     qk_gradient: bool = True  # whether ``attention`` passes gradient to q and k
+    # ``attention`` as ``split_attention`` after ``split_heads`` (which applies these factors)
+    split_factors: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    split_attention: Callable | None = None  # None: ``attention``
     linear_gamma_option: str = "gamma_linear"
     conv_gamma_option: str = "gamma_conv"
 
     def linear(self, x: torch.Tensor, layer: Linear, gamma: float, grad_from: int = 0) -> torch.Tensor:
         """``grad_from``: see ``GammaLinear``."""
         return GammaLinear.apply(x, layer.weight, layer.bias, gamma, grad_from)
+
+    def split_heads(self, qkv: torch.Tensor, heads: int):
+        """A fused ``[q | k | v]`` projection (B, N, 3 H d) -> q, k, v (B, H, N, d) for
+        ``split_attention``: ``split_heads`` then ``split_attention`` is ``attention``."""
+        return SplitHeads.apply(qkv, heads, self.split_factors)
+
+    def attend_split(self, q, k, v, scale):
+        return (self.split_attention or self.attention)(q, k, v, scale)
 
     def value_grad_from(self, width: int) -> int:
         """``grad_from`` of a fused ``[q | k | v]`` / ``[k | v]`` projection whose key part has
@@ -331,7 +377,8 @@ class GradientRuleSet:
 
 
 RULE_SETS = {
-    "attnlrp": GradientRuleSet("attnlrp", _uniform_attention),
+    "attnlrp": GradientRuleSet("attnlrp", _uniform_attention, split_factors=(0.25, 0.25, 0.5),
+                               split_attention=_sdpa),
     "cp_lrp": GradientRuleSet("cp_lrp", _conservative_attention, qk_gradient=False),
 }
 
@@ -365,9 +412,9 @@ def block_forward(bb: Backbone, rs: GradientRuleSet, w: BlockWeights, x: torch.T
     B, N, _ = x.shape
     h = rs.layer_norm(x, w.norm1)
     qkv = rs.linear(h, w.qkv, gamma, rs.value_grad_from(2 * w.num_heads * w.head_dim))
-    q, k, v = qkv.view(B, N, 3, w.num_heads, w.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-    q, k = rs.layer_norm(q, w.q_norm), rs.layer_norm(k, w.k_norm)
-    heads = rs.attention(q, k, v, w.scale)
+    q, k, v = rs.split_heads(qkv, w.num_heads)
+    q, k = rs.layer_norm(q, w.q_norm), rs.layer_norm(k, w.k_norm)  # linear backwards: the factors commute
+    heads = rs.attend_split(q, k, v, w.scale)
     o = rs.layer_norm(heads.transpose(1, 2).reshape(B, N, -1), w.attn_norm)
     a = rs.linear(o, w.proj, gamma)
     x = x + (a if w.ls1 is None else a * w.ls1)
