@@ -67,8 +67,8 @@ def _gamma_backward(g, x, y, W, b, gamma):
     so ``|den| = (1 + gamma/2) |y| + eps + gamma/2 a`` (one matmul with ``gamma/2 |W|`` and bias
     ``gamma/2 |b| + eps``, plus ``|y|``) and ``y / den = |y| / |den|``: with ``r = y / |den|``,
     ``S = g |r| = copysign(g r, g)`` and ``D = S s = g r``. Where ``y == 0`` both vanish
-    (no relevance), whatever the sign of the zero. On the input side
-    ``x / (x +- 1e-10) = q = |x| / (|x| + 1e-10)`` and ``|x| / (x +- 1e-10) = copysign(q, x)``.
+    (no relevance), whatever the sign of the zero. On the input side ``x / (x +- 1e-10)
+    = |x| / (|x| + 1e-10)`` and ``|x| / (x +- 1e-10) = x / (|x| + 1e-10)``.
 
     The rule is row-wise (tokens), so on a CPU it runs in blocks of rows (``_block``), each
     with the same ops on the same values (the result does not depend on the blocking): its
@@ -83,10 +83,11 @@ def _gamma_backward(g, x, y, W, b, gamma):
     rows = min(M, _block(M, 4 * (n_in + n_out) * x.element_size(), x.device))
     k = gamma / 2
     W1 = W if gamma == 0 else W * (1 + k)
-    Wk = bk = None
+    Wk, bk = None, ZENNIT_EPS
     if gamma != 0:
         Wk = _abs(W).mul_(k)
-        bk = None if b is None else _abs(b).mul_(k).add_(ZENNIT_EPS)
+        if b is not None:
+            bk = _abs(b).mul_(k).add_(ZENNIT_EPS)
     grad = torch.empty_like(x2)
     bufs = [torch.empty(rows, n, dtype=x.dtype, device=x.device) for n in (n_in, n_in, n_out, n_out)]
     for s in range(0, M, rows):
@@ -98,24 +99,22 @@ def _gamma_backward(g, x, y, W, b, gamma):
 def _gamma_rows(g, x, y, W1, Wk, bk, gamma, out, ax, tmp, buf, den):
     """``_gamma_backward`` on 2-D rows into ``out``, with the scratch buffers ``ax``, ``tmp``
     (like ``x``) and ``buf``, ``den`` (like ``y``); ``W1 = (1 + gamma/2) W``,
-    ``Wk = gamma/2 |W|``, ``bk = gamma/2 |b| + eps``."""
-    k = gamma / 2
+    ``Wk = gamma/2 |W|``, ``bk = gamma/2 |b| + eps`` (or ``eps``).
+
+    ``|den| = (1 + gamma/2) |y| + |x| Wk^T + bk`` is ``|y|`` scaled by the matmul itself
+    (``addmm_``'s beta), then the bias; the input side is
+    ``(|x| (S W1) + x (D Wk)) / (|x| + 1e-10)``: 5 passes over the output rows, 5 over the input's."""
     torch.abs(x, out=ax)
-    torch.abs(y, out=buf)  # |y|, then S
+    torch.abs(y, out=den)
     if gamma != 0:
-        if bk is None:
-            torch.mm(ax, Wk.t(), out=den).add_(ZENNIT_EPS)
-        else:
-            torch.addmm(bk, ax, Wk.t(), out=den)
-        den.add_(buf, alpha=1 + k)
-    else:
-        torch.add(buf, ZENNIT_EPS, out=den)
+        den.addmm_(ax, Wk.t(), beta=1 + gamma / 2)
+    den.add_(bk)
     D = torch.div(y, den, out=den).mul_(g)  # g y / |den|
     S = torch.copysign(D, g, out=buf)
-    q = ax.div_(torch.add(ax, INPUT_EPS, out=tmp))
-    torch.mm(S, W1, out=out).mul_(q)
+    torch.mm(S, W1, out=out).mul_(ax)
     if gamma != 0:
-        out.addcmul_(q.copysign_(x), torch.mm(D, Wk, out=tmp))
+        out.addcmul_(x, torch.mm(D, Wk, out=tmp))
+    out.div_(ax.add_(INPUT_EPS))
 
 
 def _save_gamma_context(ctx, inputs, output):
