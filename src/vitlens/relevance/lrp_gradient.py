@@ -75,7 +75,9 @@ def _gamma_backward(g, x, y, W, b, gamma, gelu_input=None):
     element-wise passes are memory-bound, and over whole (B, N, 4D) tensors each one streams
     from memory, while a block of ~2 MiB of operands stays in the core's L2 cache from the
     first matmul to the last (1.3-1.6x faster on the toy ViT's layers), in four scratch
-    buffers reused by every block.
+    buffers reused by every block. Not where the weight matrix takes over half of
+    ``CPU_BLOCK_BYTES`` (ViT-S's qkv and MLP layers): each block's three matmuls would stream
+    it again (measured 5-7% slower over ViT-S/16 than one block).
 
     ``gelu_input``: ``x = gelu(gelu_input)``, and the gradient returned is ``gelu_input``'s
     by the identity rule (``IdentityRuleGELU``), fused: each block times ``x / (gelu_input +
@@ -84,7 +86,9 @@ def _gamma_backward(g, x, y, W, b, gamma, gelu_input=None):
     n_in, n_out = x.shape[-1], y.shape[-1]
     x2, y2, g2 = x.reshape(-1, n_in), y.reshape(-1, n_out), g.reshape(-1, n_out)
     M = x2.shape[0]
-    rows = min(M, _block(M, 4 * (n_in + n_out) * x.element_size(), x.device))
+    rows = M  # a weight too big to stay cached beside a block: its matmuls over all rows
+    if W.numel() * W.element_size() <= CPU_BLOCK_BYTES // 2:
+        rows = min(M, _block(M, 4 * (n_in + n_out) * x.element_size(), x.device))
     k = gamma / 2
     W1 = W if gamma == 0 else W * (1 + k)
     Wk, bk = None, ZENNIT_EPS
