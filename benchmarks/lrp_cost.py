@@ -10,6 +10,7 @@ attnlrp / cp_lrp at most 1.5x the forward + backward pass.
     python benchmarks/lrp_cost.py                                   # toy-birds ViT (64 px, patch 8, depth 4), batch 32
     python benchmarks/lrp_cost.py --model vit_small_patch16_224 --img-size 224 --batch-size 16
     python benchmarks/lrp_cost.py --profile attnlrp                 # torch.profiler table of one call
+    python benchmarks/lrp_cost.py --baseline 67c8e02                # + attnlrp / cp_lrp with that commit's lrp_gradient.py
 """
 from __future__ import annotations
 
@@ -38,6 +39,34 @@ def build(args):
     return model.eval(), torch.randn(args.batch_size, 3, size, size)
 
 
+def baseline_contenders(model, methods, rev):
+    """attnlrp / cp_lrp with ``lrp_gradient.py`` of git revision ``rev`` loaded beside the
+    current one, called on the same ``Backbone`` (as ``explain`` does: read, relevance)."""
+    import importlib.util
+    import pathlib
+    import subprocess
+    import sys
+    import tempfile
+
+    from vitlens.relevance import families
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    src = subprocess.run(["git", "show", f"{rev}:src/vitlens/relevance/lrp_gradient.py"], cwd=root,
+                         check=True, capture_output=True, text=True).stdout
+    path = pathlib.Path(tempfile.mkdtemp()) / f"lrp_gradient_{rev}.py"
+    path.write_text(src)
+    spec = importlib.util.spec_from_file_location(f"lrp_gradient_{rev}", path)
+    old = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = old
+    spec.loader.exec_module(old)
+
+    def run(x, m):
+        bb = families.read(model, dtype=x.dtype, mm_dtype=x.dtype, rounding=False, tf32=False)
+        return old.relevance(bb, m, x, lambda logits: logits.argmax(-1), gamma_linear=0.05, gamma_conv=0.25)[0]
+
+    return {f"{m} ({rev})": (lambda x, m=m: run(x, m)) for m in methods if m in old.RULE_SETS}
+
+
 def contenders(model, methods):
     def fwd_bwd(x):
         model.zero_grad(set_to_none=True)
@@ -61,12 +90,15 @@ def main(argv=None):
     ap.add_argument("--methods", nargs="+", default=["attnlrp", "cp_lrp", "transformer_attribution"])
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     ap.add_argument("--profile", default=None, help="print a torch.profiler table of one call of this method")
+    ap.add_argument("--baseline", default=None, help="git revision whose lrp_gradient.py also runs (attnlrp / cp_lrp)")
     args = ap.parse_args(argv)
     torch.set_grad_enabled(True)
     if args.threads:
         torch.set_num_threads(args.threads)
     model, x = build(args)
     rows = contenders(model, args.methods)
+    if args.baseline:
+        rows.update(baseline_contenders(model, args.methods, args.baseline))
     for fn in rows.values():  # warm-up
         fn(x)
     if args.profile:

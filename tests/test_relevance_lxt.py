@@ -10,6 +10,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 
 from vitlens.relevance import explain, explain_many
+from vitlens.relevance import lrp_gradient
 from vitlens.relevance.lrp_gradient import patch_grid
 
 GOLDEN = Path(__file__).parent / "data" / "lxt_vit_tiny_f64.npz"
@@ -60,6 +61,17 @@ def test_shared_call_equals_single_calls_and_patch_grid_sums_each_patch(golden):
     assert torch.allclose(grid, patch_grid(pixels, 4), rtol=0, atol=1e-12)
     assert torch.allclose(grid[:, 1, 2], pixels[:, 4:8, 8:12].sum((1, 2)), rtol=0, atol=1e-12)
     assert torch.allclose(grid.sum((1, 2)), pixels.sum((1, 2)), rtol=1e-12)  # conserved
+
+
+@pytest.mark.parametrize("block_bytes", [1 << 18, 1 << 40])
+def test_row_blocks_do_not_change_the_maps(golden, monkeypatch, block_bytes):
+    """On a CPU the rules run in blocks of rows (``CPU_BLOCK_BYTES``): ~35-row blocks and one
+    block both give LXT's maps (the default, 2 MiB, is covered above)."""
+    model, g = golden
+    monkeypatch.setattr(lrp_gradient, "CPU_BLOCK_BYTES", block_bytes)
+    for method in METHODS:
+        out = explain_many(model, g["inputs"], [method], g["target"])
+        assert rel_err(out.maps[method], g[method]) <= 1e-8
 
 
 @pytest.mark.parametrize("method", METHODS)
