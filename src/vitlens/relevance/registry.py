@@ -429,6 +429,9 @@ def _seed_check(s, depth):
 # worst of 128 real toy-birds val images (2 of 128 over 1e-3, median 2e-6;
 # benchmarks/float32_check.py) and 0.9% on random inputs to the seeded test ViT; it stays in
 # float32 (float64 would double its memory, ViT-B/16 batch 64 > 12 GiB, and its time) - open.
+# Its float64 map itself moves by 1e-3..8e-3 when the weights move by one float32 rounding,
+# and float64 records (the only fix found) cost ~2.4x on CPU (BENCHMARKS.md, "Why, and what
+# a fix costs"; benchmarks/records64_cost.py).
 
 def _builtins() -> None:
     register_rule_set(RuleSet("chefer", "Chefer et al. (CVPR 2021): alpha=1 beta=0 Linear rule, residual "
