@@ -78,19 +78,16 @@ def main(argv=None):
         print(f"| {m} | {e.max().item():.2e} | {e.median().item():.2e} | {(e > 1e-3).sum().item()} "
               f"| {d.max().item():.2e} | {c.max().item():.2e} |", flush=True)
     if args.records64:
-        from vitlens.relevance import families
-        from vitlens.relevance.methods import _run
-        from vitlens.relevance.precision import Precision
+        from records64_cost import RECORDS64, transformer_attribution
         e = []
-        mixed = Precision(torch.float64, torch.float32, False, False)
         for i in range(0, len(images), args.batch_size):
             x, ti = images[i:i + args.batch_size], t[i:i + args.batch_size]
-            bb = families.read(m32, dtype=mixed.dtype, mm_dtype=mixed.mm_dtype, rounding=False, tf32=False)
-            r = _run(bb, x.double(), {"transformer_attribution": {"start_layer": 1}}, ti, mixed).maps
-            e.append(err(r["transformer_attribution"], explain(m64, x.double(), "transformer_attribution", ti)))
+            r = transformer_attribution(m32, x, ti, RECORDS64)
+            e.append(err(r, explain(m64, x.double(), "transformer_attribution", ti)))
         e = torch.cat(e)
         print(f"| transformer_attribution, float64 records + float32 rule matmuls | {e.max().item():.2e} "
               f"| {e.median().item():.2e} | {(e > 1e-3).sum().item()} | | |")
+
 
 if __name__ == "__main__":
     main()
